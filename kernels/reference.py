@@ -1,0 +1,102 @@
+"""Pure-PyTorch references for every fused op.
+
+Each function here is three things at once: the CPU path of the model, the oracle the Triton
+kernels are tested against, and the baseline the benchmarks time. They follow HF transformers'
+Llama code operation for operation (same dtypes, same rounding points), so that the model on
+this path produces the same tokens as transformers on the same weights.
+
+Shapes use B = batch, T = tokens, H = heads, D = head dim, N = out features, K = in features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# bitsandbytes' NF4 code table (functional.py, get_4bit_type("nf4")), index 0..15.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+NF4_BLOCKSIZE = 64
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * (x / sqrt(mean(x^2) + eps)), the mean taken in fp32 (HF LlamaRMSNorm)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = x + residual (rounded to x.dtype, as HF adds); returns (rms_norm(s), s)."""
+    s = residual + x
+    return rms_norm(s, weight, eps), s
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding, HF's rotate-half convention.
+
+    q: (B, T, Hq, D), k: (B, T, Hk, D); cos, sin: (B, T, D // 2) float32, the angles of each
+    token's own position (so rows of a batch may sit at different positions).
+    out = x * cos + rotate_half(x) * sin, with cos/sin duplicated over the two halves and cast
+    to x.dtype first, exactly as transformers does.
+    """
+    c = torch.cat((cos, cos), dim=-1).unsqueeze(2).to(q.dtype)  # (B, T, 1, D)
+    s = torch.cat((sin, sin), dim=-1).unsqueeze(2).to(q.dtype)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    return rotate(q), rotate(k)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, in the inputs' dtype (HF LlamaMLP)."""
+    return F.silu(gate) * up
+
+
+def nf4_dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Unpack a bitsandbytes NF4 weight.
+
+    packed: uint8, (N*K + 1) // 2 bytes (any shape), two values a byte, the first in the HIGH
+    nibble, over the row-major flattened (N, K) weight. absmax: float32, one per block of 64
+    flattened elements (the double-quantized statistics already expanded). Each element is
+    NF4_CODE[nibble] * absmax[i // 64] in fp32, then cast to dtype: bitsandbytes'
+    dequantize_4bit bit for bit.
+    """
+    n = shape[0] * shape[1]
+    flat = packed.reshape(-1)
+    idx = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n].long()
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device)
+    blocks = torch.arange(n, device=packed.device) // NF4_BLOCKSIZE
+    return (code[idx] * absmax[blocks]).reshape(shape).to(dtype)
+
+
+def nf4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, int],
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+) -> torch.Tensor:
+    """y = x W^T + lora_scale * (x A^T) B^T, W the (N, K) NF4 weight dequantized to x.dtype.
+
+    x: (..., K); lora_a: (r, K), lora_b: (N, r) in x.dtype, or both None. This is peft's
+    unmerged LoRA on top of bitsandbytes' Linear4bit (dropout off, as at inference).
+    """
+    y = F.linear(x, nf4_dequantize(packed, absmax, shape, x.dtype))
+    if lora_a is not None:
+        y = y + F.linear(F.linear(x, lora_a), lora_b) * lora_scale
+    return y

@@ -100,3 +100,23 @@ def nf4_linear(
     if lora_a is not None:
         y = y + F.linear(F.linear(x, lora_a), lora_b) * lora_scale
     return y
+
+
+def nf4_linear_swiglu(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, int],
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+) -> torch.Tensor:
+    """silu(g) * u where [g, u] = nf4_linear(x, ...) split in two halves along the last dim.
+
+    The weight is the gate projection stacked on the up projection: shape (2I, K). LoRA, if
+    given, is stacked the same way (lora_a: (r2, K), lora_b: (2I, r2), block-diagonal for two
+    adapters). Output: (..., I).
+    """
+    y = nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale)
+    gate, up = y.chunk(2, dim=-1)
+    return swiglu(gate, up)

@@ -1,0 +1,429 @@
+"""Generation: prompt -> streamed text and stats. Knows the tokenizer, nothing of Gradio.
+
+Layers inside this file, bottom up:
+- `Runner`: prefill and one-token decode over the model's static KV cache (eager here; on
+  CUDA the decode step is replayed from a CUDA graph, model/cuda_graph.py).
+- `generate_tokens`: the decode loop on token ids alone (sampling, EOS, length, cancel).
+- `TextStream`: incremental detokenization (multi-byte characters, merged tokens) and stop
+  strings.
+- `Engine`: the public API: load, adapters, chat / instruct returning event iterators.
+
+Context policy: a chat prompt that does not leave room for max_new_tokens loses its oldest
+turns (user + assistant pairs) until it does, keeping the system prompt and the newest
+message; if the newest message alone does not fit, the request is refused with a clear error.
+An Alpaca prompt is never trimmed: it is refused if it does not fit. When the prompt fits but
+not with all of max_new_tokens, generation stops at the end of the context (reason "length").
+
+Generations are serialised by a lock (one request at a time on the one KV-cache slot).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from model import lora, prompts
+from model.loader import DEFAULT_SOURCE, LoadedModel, ModelSourceError, load_model
+from model.sampling import sample
+
+PREFILL_CHUNK = 512  # bounds the attention scores' memory on long prompts
+STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "</s>")
+LIMITS = {"max_new_tokens": 8192, "top_k": 100_000, "seed": 2**63 - 1}
+
+
+class EngineError(Exception):
+    """A problem the user can fix; str(e) is one sentence fit for the UI."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 50  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None = random
+    stop: tuple[str, ...] = ()
+
+    def validated(self) -> GenerationSettings:
+        """This object if every value is in range, else EngineError naming the first one that is not."""
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise EngineError(message)
+
+        def number(value, kind=(int, float)) -> bool:
+            return isinstance(value, kind) and not isinstance(value, bool) and value == value
+
+        check(
+            number(self.max_new_tokens, int)
+            and 1 <= self.max_new_tokens <= LIMITS["max_new_tokens"],
+            f"Max new tokens must be a whole number from 1 to {LIMITS['max_new_tokens']}.",
+        )
+        check(
+            number(self.temperature) and 0 <= self.temperature <= 5,
+            "Temperature must be between 0 and 5.",
+        )
+        check(number(self.top_p) and 0 < self.top_p <= 1, "Top-p must be above 0 and at most 1.")
+        check(
+            number(self.top_k, int) and 0 <= self.top_k <= LIMITS["top_k"],
+            "Top-k must be a whole number, 0 (off) or more.",
+        )
+        check(
+            number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+            "Repetition penalty must be above 0 and at most 10.",
+        )
+        check(
+            self.seed is None or (number(self.seed, int) and 0 <= self.seed <= LIMITS["seed"]),
+            "Seed must be a whole number, 0 or more (or empty for a random one).",
+        )
+        check(
+            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+            "Stop strings must be non-empty text.",
+        )
+        return self
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    decode_tokens_per_s: float | None = None  # tokens after the first / time after the first
+    total_s: float = 0.0
+    stop_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled"; None while running
+    prompt_trimmed_turns: int = 0
+
+    def summary(self) -> str:
+        """One line for the UI, e.g. '64 tokens · 512.3 tok/s · first token 41 ms'."""
+        parts = [f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''}"]
+        if self.decode_tokens_per_s is not None:
+            parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
+        if self.time_to_first_token_s is not None:
+            parts.append(f"first token {self.time_to_first_token_s * 1000:.0f} ms")
+        if self.prompt_trimmed_turns:
+            parts.append(f"{self.prompt_trimmed_turns} oldest turn(s) left out to fit the context")
+        if self.stop_reason == "cancelled":
+            parts.append("stopped")
+        return " · ".join(parts)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    text: str  # new text since the previous event (may be "")
+    stats: GenerationStats  # running stats; final when done
+    done: bool
+
+
+class CancelToken:
+    """Thread-safe flag: a running generation stops within one decode step of cancel()."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class Runner:
+    """Prefill and decode on KV-cache slot 0 of the model, eagerly."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1."""
+        tokens = torch.tensor([ids], device=self.device)
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = tokens[:, start : start + PREFILL_CHUNK]
+            positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
+            logits = self.model(chunk, positions, attn_len=start + chunk.shape[1])
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (1, V) after `token` (shape (1,)) at `position`."""
+        positions = torch.full((1, 1), position, device=self.device)
+        return self.model(token.view(1, 1), positions, attn_len=position + 1)[:, -1]
+
+
+def generate_tokens(
+    runner: Runner,
+    prompt_ids: list[int],
+    settings: GenerationSettings,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    cancel: CancelToken,
+    vocab_size: int,
+) -> Iterator[tuple[int, str | None]]:
+    """Yield (token, None) per new token, then (-1, stop_reason). The token at EOS is not yielded."""
+    seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(7), "little")
+    generator = torch.Generator(device=runner.device).manual_seed(seed)
+    seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=runner.device)
+    seen[0, torch.tensor(prompt_ids, device=runner.device)] = True
+    logits = runner.prefill(prompt_ids)
+    position = len(prompt_ids)
+    for _ in range(max_new_tokens):
+        if cancel.cancelled:
+            yield -1, "cancelled"
+            return
+        token = sample(
+            logits,
+            seen,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
+            settings.repetition_penalty,
+            generator,
+        )
+        token_id = int(token)
+        if token_id in stop_ids:
+            yield -1, "eos"
+            return
+        yield token_id, None
+        seen[0, token_id] = True
+        logits = runner.decode(token, position)
+        position += 1
+    yield -1, "length"
+
+
+class TextStream:
+    """Token ids in, text deltas out: whole characters only, stop strings cut and held back."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # all decoded text so far
+        self.sent = 0  # characters of self.text already handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        self.text = text
+        for s in self.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                self.text, self.stopped = text[:cut], True
+        return self.release(final=self.stopped)
+
+    def release(self, final: bool) -> str:
+        """Text safe to show: all of it at the end, else all but a possible stop-string prefix."""
+        end = len(self.text)
+        if not final:
+            for s in self.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        delta = self.text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return delta
+
+
+@dataclass
+class Engine:
+    loaded: LoadedModel
+    max_seq_len: int
+    adapter_weights: dict[str, lora.Adapter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.model.setup_caches(1, self.max_seq_len)
+        self.runner = Runner(self.model)
+        self.stop_ids = self._stop_ids()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        source: str = DEFAULT_SOURCE,
+        *,
+        adapters: Sequence[str] = (),
+        quantize: str = "auto",
+        device: str = "auto",
+        max_seq_len: int | None = None,
+        use_triton: bool = True,
+    ) -> Engine:
+        try:
+            loaded = load_model(source, quantize=quantize, device=device, use_triton=use_triton)
+        except ModelSourceError as err:
+            raise EngineError(str(err)) from None
+        limit = loaded.args.max_position_embeddings
+        if max_seq_len is not None and not 16 <= max_seq_len <= limit:
+            raise EngineError(
+                f"The context length must be between 16 and {limit} tokens for this model."
+            )
+        engine = cls(loaded, max_seq_len or min(limit, 8192))
+        for source_ in adapters:
+            engine.load_adapter(source_)
+        return engine
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids = set(self.loaded.args.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in STOP_TOKENS if t in vocab)
+        return frozenset(ids)
+
+    # ---- information and adapters ----
+
+    def info(self) -> dict:
+        loaded = self.loaded
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        if loaded.device.type == "cuda":
+            device = f"{loaded.device} ({torch.cuda.get_device_name(loaded.device)})"
+            memory = f"{torch.cuda.memory_allocated(loaded.device) / 1e9:.2f} GB GPU"
+        else:
+            device = "cpu"
+            memory = f"{loaded.peak_host_memory_bytes / 1e9:.2f} GB peak RSS"
+        return {
+            "model": loaded.source,
+            "quantization": "NF4 (bitsandbytes layout, double quant)"
+            if loaded.quantized
+            else f"none ({dtype})",
+            "dtype": dtype,
+            "device": device,
+            "kernels": self.model.ops.name,
+            "adapters": self.adapters(),
+            "max_seq_len": self.max_seq_len,
+            "memory": memory,
+        }
+
+    def adapters(self) -> list[str]:
+        return list(self.adapter_weights)
+
+    def load_adapter(self, source: str, name: str | None = None) -> str:
+        """Load a PEFT LoRA adapter under `name` (default: the source); the model is unchanged."""
+        name = name or source.rstrip("/")
+        try:
+            weights = lora.build_adapter(self.model, source)
+        except lora.AdapterError as err:
+            raise EngineError(str(err)) from None
+        with self._lock:
+            self.adapter_weights[name] = weights
+        return name
+
+    # ---- generation ----
+
+    def chat(
+        self,
+        messages: list[dict],
+        settings: GenerationSettings = GenerationSettings(),
+        *,
+        system_prompt: str | None = None,
+        adapter: str | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[GenerationEvent]:
+        settings = settings.validated()
+        if (
+            not messages
+            or messages[-1].get("role") != "user"
+            or not str(messages[-1].get("content", "")).strip()
+        ):
+            raise EngineError("Please type a message first.")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise EngineError("This model has no chat template; use the Instruct tab instead.")
+        ids, trimmed = self._fit_chat(messages, system_prompt, settings.max_new_tokens)
+        return self._run(ids, settings, adapter, cancel, trimmed)
+
+    def instruct(
+        self,
+        instruction: str,
+        input: str = "",
+        settings: GenerationSettings = GenerationSettings(),
+        *,
+        adapter: str | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[GenerationEvent]:
+        settings = settings.validated()
+        if not instruction.strip():
+            raise EngineError("Please write an instruction first.")
+        ids = prompts.alpaca_prompt_ids(self.tokenizer, instruction, input)
+        self._check_fits(len(ids), "instruction and input")
+        return self._run(ids, settings, adapter, cancel, 0)
+
+    def _check_fits(self, n_tokens: int, what: str) -> None:
+        if n_tokens >= self.max_seq_len:
+            raise EngineError(
+                f"Your {what} take {n_tokens} tokens, but the context holds {self.max_seq_len}; please shorten it."
+            )
+
+    def _fit_chat(
+        self, messages: list[dict], system_prompt: str | None, max_new: int
+    ) -> tuple[list[int], int]:
+        """Prompt ids, dropping the oldest turns until max_new tokens fit after them."""
+        turns = list(messages)
+        trimmed = 0
+        while True:
+            ids = prompts.chat_prompt_ids(
+                self.tokenizer, prompts.chat_messages(turns, system_prompt)
+            )
+            if len(ids) + max_new <= self.max_seq_len or len(turns) == 1:
+                break
+            drop = 2 if len(turns) > 2 and turns[1].get("role") == "assistant" else 1
+            turns, trimmed = turns[drop:], trimmed + 1
+        self._check_fits(len(ids), "message")
+        return ids, trimmed
+
+    def _run(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
+        if adapter is not None and adapter not in self.adapter_weights:
+            raise EngineError(f"No adapter named '{adapter}' is loaded.")
+        return self._generate(ids, settings, adapter, cancel or CancelToken(), trimmed)
+
+    def _generate(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
+        with self._lock:
+            lora.activate(self.model, self.adapter_weights.get(adapter) if adapter else None)
+            stats = GenerationStats(prompt_tokens=len(ids), prompt_trimmed_turns=trimmed)
+            stream = TextStream(self.tokenizer, settings.stop)
+            max_new = min(settings.max_new_tokens, self.max_seq_len - len(ids))
+            start = time.perf_counter()
+            first = None
+            tokens = generate_tokens(
+                self.runner,
+                ids,
+                settings,
+                max_new,
+                self.stop_ids,
+                cancel,
+                self.loaded.args.vocab_size,
+            )
+            try:
+                for token, reason in tokens:
+                    now = time.perf_counter()
+                    if reason is not None:
+                        stats.stop_reason = reason
+                        break
+                    stats.new_tokens += 1
+                    if first is None:
+                        first = now
+                        stats.time_to_first_token_s = now - start
+                    elif now > first:
+                        stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - first)
+                    stats.total_s = now - start
+                    delta = stream.push(token)
+                    if stream.stopped:
+                        stats.stop_reason = "stop"
+                        break
+                    yield GenerationEvent(delta, replace(stats), False)
+            finally:
+                tokens.close()
+            stats.total_s = time.perf_counter() - start
+            yield GenerationEvent(stream.release(final=True), stats, True)

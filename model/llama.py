@@ -1,0 +1,180 @@
+"""The Llama-family transformer (Llama 3 / 3.1 / 3.2, SmolLM2) with a static KV cache.
+
+Design decisions:
+- Every fused op goes through `self.ops` (model/ops.py): Triton kernels on CUDA, the PyTorch
+  references elsewhere. Nothing here patches another library.
+- q/k/v and gate/up are stacked projections (model/quant.py explains why that is exact).
+- The KV cache is pre-allocated, (slots, Hk, max_seq_len, D) per layer, and every row of a
+  batch carries its own positions, so rows at different lengths can decode together.
+- Attention reads the cache up to `attn_len`, a host-side bound on the longest row; a boolean
+  mask built from the positions hides what each row must not see.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelArgs
+from model.ops import Ops
+from model.quant import make_linear
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with Llama-3.1 scaling (transformers' _compute_llama3_parameters)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.ops = ops
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x), or with a residual: (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps), x
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, ops: Ops, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.wqkv = make_linear(args.dim, q_size + 2 * kv_size, ops, quantized, dtype)
+        self.wo = make_linear(q_size, args.dim, ops, quantized, dtype)
+        self.ops = ops
+        self.k_cache: torch.Tensor | None = None  # (slots, Hk, S, D)
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, dim)
+        cos: torch.Tensor,  # (B, T, D/2)
+        sin: torch.Tensor,
+        positions: torch.Tensor,  # (B, T)
+        slots: torch.Tensor,  # (B,) cache rows
+        mask: torch.Tensor,  # (B, 1, T, L)
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = self.ops.rope(q, k, cos, sin)
+        rows = slots[:, None]
+        self.k_cache[rows, :, positions] = k  # advanced indices first: (B, T, Hk, D)
+        self.v_cache[rows, :, positions] = v
+        attn_len = mask.shape[-1]
+        keys = self.k_cache[slots, :, :attn_len]  # (B, Hk, L, D)
+        values = self.v_cache[slots, :, :attn_len]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+        )  # (B, Hq, T, D)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, ops: Ops, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        self.w13 = make_linear(args.dim, 2 * args.intermediate_size, ops, quantized, dtype)
+        self.w2 = make_linear(args.intermediate_size, args.dim, ops, quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.w13.forward_swiglu(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, ops: Ops, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        self.attention = Attention(args, ops, quantized, dtype)
+        self.feed_forward = FeedForward(args, ops, quantized, dtype)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
+
+    def forward(self, x, residual, cos, sin, positions, slots, mask):
+        """Returns (the block's output, the residual stream before it is added)."""
+        h, residual = self.attention_norm(x, residual)
+        h = self.attention(h, cos, sin, positions, slots, mask)
+        h, residual = self.ffn_norm(h, residual)
+        return self.feed_forward(h), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, ops: Ops, quantized: bool, dtype: torch.dtype):
+        super().__init__()
+        self.args, self.ops, self.quantized, self.dtype = args, ops, quantized, dtype
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
+        self.tok_embeddings.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, ops, quantized, dtype) for _ in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
+        # Tied models (Llama 3.2 1B/3B, SmolLM2) read the embedding matrix as lm_head.
+        self.output = (
+            None
+            if args.tie_word_embeddings
+            else nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dtype)
+        )
+        if self.output is not None:
+            self.output.weight.requires_grad_(False)
+        self.max_seq_len = 0
+
+    def setup_caches(self, slots: int, max_seq_len: int) -> None:
+        """Allocate the static KV cache and the RoPE table for max_seq_len positions."""
+        device = self.tok_embeddings.weight.device
+        shape = (slots, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
+        for layer in self.layers:
+            layer.attention.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+            layer.attention.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        angles = torch.outer(torch.arange(max_seq_len).float(), rope_frequencies(self.args))
+        self.rope_cos = angles.cos().to(device)  # (S, D/2) float32
+        self.rope_sin = angles.sin().to(device)
+        self.max_seq_len = max_seq_len
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T)
+        positions: torch.Tensor,  # (B, T) each token's position in its own sequence
+        attn_len: int,  # attend to cache positions [0, attn_len); > every position here
+        slots: torch.Tensor | None = None,  # (B,) cache rows; default 0..B-1
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Logits (B, 1, V) for the last token of each row, or (B, T, V)."""
+        if slots is None:
+            slots = torch.arange(tokens.shape[0], device=tokens.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        key_pos = torch.arange(attn_len, device=tokens.device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        x, residual = self.tok_embeddings(tokens), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, positions, slots, mask)
+        x, _ = self.norm(x, residual)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)

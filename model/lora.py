@@ -41,9 +41,7 @@ def adapter_files(source: str) -> tuple[Path, Path]:
     folder = Path(source).expanduser()
     if not folder.is_dir():
         if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise AdapterError(
-                f"No adapter folder at '{source}', and it is not a hub id (owner/name)."
-            )
+            raise AdapterError(f"No adapter folder at '{source}', and it is not a hub id (owner/name).")
         from model.loader import ModelSourceError, download
 
         try:
@@ -81,15 +79,11 @@ def read_adapter(source: str) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError:
-        raise AdapterError(
-            f"'{source}' has an adapter_config.json that is not valid JSON."
-        ) from None
+        raise AdapterError(f"'{source}' has an adapter_config.json that is not valid JSON.") from None
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise AdapterError("Only plain LoRA adapters are supported (not DoRA or other PEFT types).")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise AdapterError(
-            "Adapters that train biases or whole modules (modules_to_save) are not supported."
-        )
+        raise AdapterError("Adapters that train biases or whole modules (modules_to_save) are not supported.")
     return config, load_file(str(weights_path))
 
 

@@ -54,9 +54,7 @@ def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed, state = bnbf.quantize_4bit(
         weight.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
     )
-    absmax = expand_absmax(
-        state.absmax, state.state2.code, state.state2.absmax, float(state.offset)
-    )
+    absmax = expand_absmax(state.absmax, state.state2.code, state.state2.absmax, float(state.offset))
     return packed.reshape(-1), absmax
 
 
@@ -93,9 +91,7 @@ class NF4Linear(LoRALinear):
 
     def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """For a stacked gate/up weight: silu(gate) * up in one launch."""
-        return self.ops.nf4_linear_swiglu(
-            x, self.packed, self.absmax, self.shape, *self.lora_args()
-        )
+        return self.ops.nf4_linear_swiglu(x, self.packed, self.absmax, self.shape, *self.lora_args())
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.ops.nf4_dequantize(self.packed, self.absmax, self.shape, dtype)

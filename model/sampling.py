@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: float
-) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty as transformers applies it: scores of seen tokens / penalty if > 0 else * penalty.
 
     logits: (B, V) float32; seen: (B, V) bool, the tokens in each row's context so far.

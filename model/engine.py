@@ -1,8 +1,8 @@
 """Generation: prompt -> streamed text and stats. Knows the tokenizer, nothing of Gradio.
 
 Layers inside this file, bottom up:
-- `Runner`: prefill and one-token decode over the model's static KV cache (eager here; on
-  CUDA the decode step is replayed from a CUDA graph, model/cuda_graph.py).
+- `Runner` (model/runner.py): prefill and one-token decode over the static KV cache; on CUDA
+  the decode step is replayed from a CUDA graph.
 - `generate_tokens`: the decode loop on token ids alone (sampling, EOS, length, cancel).
 - `TextStream`: incremental detokenization (multi-byte characters, merged tokens) and stop
   strings.
@@ -29,9 +29,9 @@ import torch
 
 from model import lora, prompts
 from model.loader import DEFAULT_SOURCE, LoadedModel, ModelSourceError, load_model
+from model.runner import GraphRunner, Runner
 from model.sampling import sample
 
-PREFILL_CHUNK = 512  # bounds the attention scores' memory on long prompts
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "</s>")
 LIMITS = {"max_new_tokens": 8192, "top_k": 100_000, "seed": 2**63 - 1}
 
@@ -136,30 +136,6 @@ class CancelToken:
         return self._event.is_set()
 
 
-class Runner:
-    """Prefill and decode on KV-cache slot 0 of the model, eagerly."""
-
-    def __init__(self, model):
-        self.model = model
-        self.device = model.tok_embeddings.weight.device
-
-    @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1."""
-        tokens = torch.tensor([ids], device=self.device)
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = tokens[:, start : start + PREFILL_CHUNK]
-            positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-            logits = self.model(chunk, positions, attn_len=start + chunk.shape[1])
-        return logits[:, -1]
-
-    @torch.inference_mode()
-    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (1, V) after `token` (shape (1,)) at `position`."""
-        positions = torch.full((1, 1), position, device=self.device)
-        return self.model(token.view(1, 1), positions, attn_len=position + 1)[:, -1]
-
-
 def generate_tokens(
     runner: Runner,
     prompt_ids: list[int],
@@ -240,12 +216,14 @@ class TextStream:
 class Engine:
     loaded: LoadedModel
     max_seq_len: int
+    use_cuda_graphs: bool = True
     adapter_weights: dict[str, lora.Adapter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.model.setup_caches(1, self.max_seq_len)
-        self.runner = Runner(self.model)
+        graphs = self.use_cuda_graphs and self.loaded.device.type == "cuda"
+        self.runner = GraphRunner(self.model) if graphs else Runner(self.model)
         self.stop_ids = self._stop_ids()
         self._lock = threading.Lock()
 
@@ -259,6 +237,7 @@ class Engine:
         device: str = "auto",
         max_seq_len: int | None = None,
         use_triton: bool = True,
+        use_cuda_graphs: bool = True,
     ) -> Engine:
         try:
             loaded = load_model(source, quantize=quantize, device=device, use_triton=use_triton)
@@ -267,7 +246,7 @@ class Engine:
         limit = loaded.args.max_position_embeddings
         if max_seq_len is not None and not 16 <= max_seq_len <= limit:
             raise EngineError(f"The context length must be between 16 and {limit} tokens for this model.")
-        engine = cls(loaded, max_seq_len or min(limit, 8192))
+        engine = cls(loaded, max_seq_len or min(limit, 8192), use_cuda_graphs)
         for source_ in adapters:
             engine.load_adapter(source_)
         return engine
@@ -299,6 +278,7 @@ class Engine:
             "dtype": dtype,
             "device": device,
             "kernels": self.model.ops.name,
+            "cuda_graphs": isinstance(self.runner, GraphRunner),
             "adapters": self.adapters(),
             "max_seq_len": self.max_seq_len,
             "memory": memory,

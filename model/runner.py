@@ -1,0 +1,110 @@
+"""Prefill and one-token decode over the model's static KV cache (slot 0).
+
+`Runner` runs both eagerly (CPU, or CUDA with graphs off). `GraphRunner` replays the whole
+one-token decode step (all layers, the LoRA, the lm_head) from a CUDA graph: at batch 1 an
+eager decode step is ~500 kernel launches, and their launch cost, not memory, sets the speed.
+A graph replays them with no Python and no launch gaps.
+
+A graph fixes its tensors' shapes, and attention must read the KV cache only up to the
+longest sequence, so one graph is captured per attention-length bucket (powers of two from
+256 up to max_seq_len): the cache read is at most twice what it must be, and short chats read
+little. A graph also fixes the LoRA tensors it was captured with, so each (adapter, bucket)
+pair gets its own graph; all of them share one memory pool.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.llama import Transformer
+from model.quant import LoRALinear
+
+log = logging.getLogger(__name__)
+MIN_BUCKET = 256
+PREFILL_CHUNK = 512  # bounds the attention scores' memory on long prompts
+
+
+def attention_buckets(max_seq_len: int) -> list[int]:
+    buckets, size = [], MIN_BUCKET
+    while size < max_seq_len:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_seq_len]
+
+
+class Runner:
+    """Prefill and decode on KV-cache slot 0 of the model, eagerly."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1."""
+        tokens = torch.tensor([ids], device=self.device)
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = tokens[:, start : start + PREFILL_CHUNK]
+            positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
+            logits = self.model(chunk, positions, attn_len=start + chunk.shape[1])
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (1, V) after `token` (shape (1,)) at `position`."""
+        positions = torch.full((1, 1), position, device=self.device)
+        return self.model(token.view(1, 1), positions, attn_len=position + 1)[:, -1]
+
+
+class GraphRunner(Runner):
+    """Prefill eagerly; decode by replaying a captured graph."""
+
+    def __init__(self, model: Transformer):
+        super().__init__(model)
+        self.buckets = attention_buckets(model.max_seq_len)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def adapter_key(self) -> tuple:
+        """Identifies the LoRA tensors the model applies now (what a graph bakes in)."""
+        return tuple(
+            id(m.lora.a) if m.lora is not None else 0
+            for m in self.model.modules()
+            if isinstance(m, LoRALinear)
+        )
+
+    def capture(self, attn_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record one decode step reading the cache up to attn_len.
+
+        The warm-up runs execute the step for the token and position already set, so the K/V they
+        write are the ones the replay writes again: capturing mid-generation changes nothing.
+        """
+        step = lambda: self.model(self.token, self.position, attn_len=attn_len)[:, -1]  # noqa: E731
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = step()
+        return graph, logits
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (1, V) after `token` (shape (1,)) at `position`."""
+        attn_len = next(b for b in self.buckets if b > position)
+        key = (self.adapter_key(), attn_len)
+        self.token.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        if key not in self.graphs:
+            log.info("Capturing the decode step for attention length %d", attn_len)
+            self.graphs[key] = self.capture(attn_len)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits

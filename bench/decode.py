@@ -1,0 +1,285 @@
+"""Decode benchmark: the seed's measurement as a command.
+
+    python -m bench.decode --model random-llama3-8b --adapter random-r16 --baseline hf
+
+Protocol (the seed's): a 60-token prompt, 5 warm-up then 10 timed generations of 64 new tokens,
+greedy, EOS ignored so every generation has exactly 64 tokens. Prints the device, time to first
+token, decode tokens/s (tokens after the first over the time after the first), end-to-end
+tokens/s and generations/s, the bytes a decoded token reads and the bandwidth that implies
+against a device-to-device copy measured in the same run; with --baseline hf the same figures
+for HF transformers + bitsandbytes + peft on the same checkpoint and adapter. JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench.random_checkpoints import make_random_adapter, make_random_llama
+from model import lora
+from model.engine import CancelToken, Engine, GenerationSettings, generate_tokens
+from model.quant import NF4Linear
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device-to-device copy, bytes read + written per second (median of do_bench)."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def bytes_per_token(engine: Engine, attn_len: int) -> int:
+    """What one decode step must read: weights, absmax, LoRA, lm_head, norms and the KV cache."""
+    model, total = engine.model, 0
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            total += module.packed.numel() + module.absmax.numel() * 4
+        elif (
+            hasattr(module, "weight")
+            and isinstance(module.weight, torch.Tensor)
+            and module is not model.tok_embeddings
+        ):
+            total += module.weight.numel() * module.weight.element_size()
+        lora_w = getattr(module, "lora", None)
+        if lora_w is not None:
+            total += (lora_w.a.numel() + lora_w.b.numel()) * lora_w.a.element_size()
+    if model.output is None:  # tied lm_head reads the embedding matrix
+        total += model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    args = model.args
+    total += 2 * args.n_layers * args.n_kv_heads * args.head_dim * attn_len * model.dtype.itemsize
+    return total
+
+
+def time_ours(engine: Engine, prompt: list[int], new_tokens: int, warmup: int, iters: int) -> dict:
+    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0)
+    device = engine.runner.device
+    runs = []
+    for i in range(warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        first = last = None
+        n = 0
+        for token, _ in generate_tokens(
+            engine.runner,
+            prompt,
+            settings,
+            new_tokens,
+            frozenset(),
+            CancelToken(),
+            engine.loaded.args.vocab_size,
+        ):
+            if token < 0:
+                break
+            last = time.perf_counter()
+            first = first or last
+            n += 1
+        if i >= warmup:
+            runs.append((start, first, last, n))
+    total = sum(last - start for start, _, last, _ in runs)
+    decode_time = sum(last - first for _, first, last, _ in runs)
+    tokens = sum(n for *_, n in runs)
+    return {
+        "ttft_ms": 1000 * sum(first - start for start, first, _, _ in runs) / len(runs),
+        "decode_tok_s": (tokens - len(runs)) / decode_time,
+        "e2e_tok_s": tokens / total,
+        "gen_s": len(runs) / total,
+        "tokens": tokens,
+    }
+
+
+def random_prompt(vocab_size: int, n_tokens: int, seed: int) -> list[int]:
+    """Seeded token ids, clear of the low ids where special tokens usually sit."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab_size // 8, vocab_size, (n_tokens,), generator=gen).tolist()
+
+
+def time_prefill(engine: Engine, n_tokens: int, iters: int = 5) -> float:
+    """Median milliseconds to the first token's logits for an n_tokens prompt."""
+    ids = random_prompt(engine.loaded.args.vocab_size, n_tokens, seed=1)
+    times = []
+    for _ in range(iters + 1):
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        engine.runner.prefill(ids)
+        sync(engine.runner.device)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times[1:])[len(times[1:]) // 2]
+
+
+def time_hf(
+    path: str,
+    adapter: str | None,
+    prompt: list[int],
+    new_tokens: int,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+) -> dict:
+    """HF transformers + bitsandbytes NF4 (double quant) + peft, the seed's baseline."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quant, dtype=torch.bfloat16, device_map=str(device)
+    )
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = torch.tensor([prompt], device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def timed(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        timed(new_tokens)
+    totals = [timed(new_tokens) for _ in range(iters)]
+    ttft = sorted(timed(1) for _ in range(3))[1]
+    total = sum(totals)
+    result = {
+        "ttft_ms": 1000 * ttft,
+        "decode_tok_s": iters * (new_tokens - 1) / (total - iters * ttft),
+        "e2e_tok_s": iters * new_tokens / total,
+        "gen_s": iters / total,
+        "tokens": iters * new_tokens,
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="default", help="model source, or random-llama3-8b / random-llama-small"
+    )
+    parser.add_argument("--adapter", default=None, help="PEFT adapter source, or random-r16")
+    parser.add_argument("--quantize", default="nf4", choices=["auto", "nf4", "none"], help="weights' format")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens a generation")
+    parser.add_argument("--prompt-tokens", type=int, default=60, help="prompt length")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed generations first")
+    parser.add_argument("--iters", type=int, default=10, help="timed generations")
+    parser.add_argument("--max-seq-len", type=int, default=8192, help="KV-cache length")
+    parser.add_argument(
+        "--long-prompt", type=int, default=1000, help="prompt length for the long-prefill row"
+    )
+    parser.add_argument("--bf16-prefill", action="store_true", help="also time prefill of the bf16 model")
+    parser.add_argument("--baseline", choices=["hf"], default=None, help="also time HF + bnb + peft")
+    parser.add_argument("--no-graphs", action="store_true", help="decode eagerly, without CUDA graphs")
+    parser.add_argument("--no-triton", action="store_true", help="PyTorch reference ops instead of Triton")
+    parser.add_argument("--workdir", default="/tmp/bench-checkpoints", help="where random checkpoints go")
+    args = parser.parse_args(argv)
+
+    source = args.model
+    if source.startswith("random-"):
+        source = str(make_random_llama(source, args.workdir))
+    adapter = args.adapter
+    if adapter == "random-r16":
+        adapter = str(make_random_adapter(source, args.workdir, rank=16))
+    engine = Engine.load(
+        source,
+        adapters=[adapter] if adapter else [],
+        quantize=args.quantize,
+        device=args.device,
+        max_seq_len=args.max_seq_len,
+        use_triton=not args.no_triton,
+        use_cuda_graphs=not args.no_graphs,
+    )
+    lora.activate(engine.model, engine.adapter_weights[engine.adapters()[0]] if adapter else None)
+    device = engine.runner.device
+    vocab = engine.loaded.args.vocab_size
+    prompt = random_prompt(vocab, args.prompt_tokens, seed=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ours = time_ours(engine, prompt, args.new_tokens, args.warmup, args.iters)
+    ours["ttft_long_ms"] = time_prefill(engine, args.long_prompt)
+    attn_len = (
+        engine.runner.buckets[0]
+        if hasattr(engine.runner, "buckets")
+        else args.prompt_tokens + args.new_tokens
+    )
+    step_bytes = bytes_per_token(engine, attn_len)
+    copy_bw = copy_bandwidth(device)
+    result = {
+        "device": device_name(device),
+        "model": args.model,
+        "adapter": args.adapter,
+        "info": engine.info(),
+        "ours": ours,
+        "bytes_per_token": step_bytes,
+        "copy_GBps": copy_bw and copy_bw / 1e9,
+        "achieved_GBps": step_bytes * ours["decode_tok_s"] / 1e9,
+    }
+    if device.type == "cuda":
+        result["peak_gpu_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
+        result["bandwidth_fraction"] = step_bytes * ours["decode_tok_s"] / copy_bw
+    if args.bf16_prefill:
+        del engine
+        torch.cuda.empty_cache()
+        dense = Engine.load(source, quantize="none", device=args.device, max_seq_len=args.max_seq_len)
+        result["bf16_ttft_long_ms"] = time_prefill(dense, args.long_prompt)
+        del dense
+        torch.cuda.empty_cache()
+    else:
+        del engine
+    if args.baseline == "hf":
+        result["hf"] = time_hf(source, adapter, prompt, args.new_tokens, args.warmup, args.iters, device)
+        result["speedup_vs_hf"] = ours["decode_tok_s"] / result["hf"]["decode_tok_s"]
+        result["e2e_speedup_vs_hf"] = ours["e2e_tok_s"] / result["hf"]["e2e_tok_s"]
+    print_table(result)
+    print(json.dumps(result))
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"device: {r['device']}   model: {r['model']}   adapter: {r['adapter']}")
+    print(f"{'':28}{'ttft ms':>10}{'decode tok/s':>14}{'e2e tok/s':>11}{'gen/s':>8}")
+    rows = [("ours", r["ours"])] + ([("HF + bnb + peft", r["hf"])] if "hf" in r else [])
+    for name, m in rows:
+        print(
+            f"{name:28}{m['ttft_ms']:10.1f}{m['decode_tok_s']:14.1f}{m['e2e_tok_s']:11.1f}{m['gen_s']:8.3f}"
+        )
+    print(f"ttft at long prompt: {r['ours']['ttft_long_ms']:.1f} ms", end="")
+    print(f" (bf16 model: {r['bf16_ttft_long_ms']:.1f} ms)" if "bf16_ttft_long_ms" in r else "")
+    print(
+        f"bytes a token: {r['bytes_per_token'] / 1e9:.3f} GB, achieved {r['achieved_GBps']:.0f} GB/s", end=""
+    )
+    if r.get("copy_GBps"):
+        print(
+            f", copy {r['copy_GBps']:.0f} GB/s, fraction {r['bandwidth_fraction']:.1%}"
+            f", peak GPU {r['peak_gpu_GB']:.2f} GB"
+        )
+    else:
+        print()
+    if "speedup_vs_hf" in r:
+        print(f"decode speedup vs HF: {r['speedup_vs_hf']:.1f}x, end-to-end {r['e2e_speedup_vs_hf']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,8 @@ Shapes use B = batch, T = tokens, H = heads, D = head dim, N = out features, K =
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,12 @@ NF4_CODE = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 NF4_BLOCKSIZE = 64
+
+
+@cache
+def nf4_code_table(device: torch.device) -> torch.Tensor:
+    """NF4_CODE as a float32 tensor, made once per device (a host copy cannot run in a CUDA graph)."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,7 +85,7 @@ def nf4_dequantize(
     n = shape[0] * shape[1]
     flat = packed.reshape(-1)
     idx = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n].long()
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device)
+    code = nf4_code_table(packed.device)
     blocks = torch.arange(n, device=packed.device) // NF4_BLOCKSIZE
     return (code[idx] * absmax[blocks]).reshape(shape).to(dtype)
 

@@ -1,0 +1,179 @@
+"""Rotary position embedding (HF rotate-half convention) for q and k in one Triton launch.
+
+Forward (reference: kernels.reference.rope, i.e. transformers' apply_rotary_pos_emb), with
+x = [x1, x2] the two halves of a head and c, s the token's cos/sin cast to x.dtype:
+
+    out1 = x1 * c - x2 * s
+    out2 = x2 * c + x1 * s
+
+Each product is rounded to x.dtype before the sum is, as torch does in bf16/fp16, so the
+result is bit for bit transformers' in every dtype.
+
+Backward: the rotation is orthogonal, so the gradient is the rotation by the opposite angle,
+i.e. the same kernel with s negated:
+
+    dx1 = dout1 * c + dout2 * s
+    dx2 = dout2 * c - dout1 * s
+
+cos/sin are position tables, not parameters: they get no gradient.
+
+One program takes one token (b, t) and rotates all of its q heads and then all of its k heads,
+so cos/sin are read once per token and q and k need one launch. Strides are passed for every
+operand (only the last dim must be contiguous), so q and k can be views into a fused qkv
+projection output without a copy; outputs are fresh contiguous (B, T, H, D) tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,  # first element of this token's heads in the input
+    o_ptr,  # first element of this token's heads in the output
+    stride_xh,  # elements between heads of the input
+    stride_oh,  # elements between heads of the output
+    c,  # (BLOCK_HALF,) fp32 cos of this token, already rounded to the input dtype
+    s,  # (BLOCK_HALF,) fp32 sin of this token, rounded likewise (negated for the backward)
+    H: tl.constexpr,  # number of heads
+    HALF: tl.constexpr,  # head dim / 2
+    BLOCK_H: tl.constexpr,  # power of two >= H
+    BLOCK_HALF: tl.constexpr,  # power of two >= HALF
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < H) & (cols < HALF)
+    x_lo = x_ptr + heads * stride_xh + cols
+    o_lo = o_ptr + heads * stride_oh + cols
+    x1 = tl.load(x_lo, mask=mask, other=0.0)
+    x2 = tl.load(x_lo + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    c = c[None, :]
+    s = s[None, :]
+    o1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
+    o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+    tl.store(o_lo, o1.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_lo + HALF, o2.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # (B, T, HQ, D) queries, last dim contiguous
+    k_ptr,  # (B, T, HK, D) keys, last dim contiguous
+    qo_ptr,  # (B, T, HQ, D) out: rotated queries
+    ko_ptr,  # (B, T, HK, D) out: rotated keys
+    cos_ptr,  # (B, T, HALF) fp32 cos of each token's angles, last dim contiguous
+    sin_ptr,  # (B, T, HALF) fp32 sin of each token's angles, last dim contiguous
+    T,  # tokens per sequence: splits the program id into (b, t)
+    sq_b, sq_t, sq_h,  # strides of q over batch, token, head
+    sk_b, sk_t, sk_h,  # strides of k
+    sqo_b, sqo_t, sqo_h,  # strides of the q output
+    sko_b, sko_t, sko_h,  # strides of the k output
+    sc_b, sc_t,  # strides of cos over batch, token (0 over a broadcast batch)
+    ss_b, ss_t,  # strides of sin over batch, token
+    HQ: tl.constexpr,  # query heads
+    HK: tl.constexpr,  # key heads
+    HALF: tl.constexpr,  # head dim / 2
+    BLOCK_HQ: tl.constexpr,  # power of two >= HQ
+    BLOCK_HK: tl.constexpr,  # power of two >= HK
+    BLOCK_HALF: tl.constexpr,  # power of two >= HALF
+    BACKWARD: tl.constexpr,  # rotate by the opposite angle (the gradient)
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    cols = tl.arange(0, BLOCK_HALF)
+    # transformers casts the fp32 tables to the activations' dtype before multiplying.
+    dtype = q_ptr.dtype.element_ty
+    c = tl.load(cos_ptr + b * sc_b + t * sc_t + cols, mask=cols < HALF, other=0.0)
+    s = tl.load(sin_ptr + b * ss_b + t * ss_t + cols, mask=cols < HALF, other=0.0)
+    c = c.to(dtype).to(tl.float32)
+    s = s.to(dtype).to(tl.float32)
+    if BACKWARD:
+        s = -s
+    _rotate_heads(
+        q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, sq_h, sqo_h,
+        c, s, HQ, HALF, BLOCK_HQ, BLOCK_HALF,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, sk_h, sko_h,
+        c, s, HK, HALF, BLOCK_HK, BLOCK_HALF,
+    )  # fmt: skip
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rope_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the rotation of q and k; returns new contiguous (q_out, k_out).
+
+    q, k: (B, T, H, D) with any strides (a copy is made only if the last dim is strided);
+    cos, sin: (B, T, D // 2) or (1, T, D // 2) float32. backward=True applies the inverse
+    rotation, which is the gradient.
+    """
+    if q.dtype != k.dtype:
+        raise ValueError(f"rope needs q and k in one dtype, got {q.dtype} and {k.dtype}.")
+    bsz, seq, hq, d = q.shape
+    hk = k.shape[2]
+    if d % 2 or k.shape[-1] != d or cos.shape[-1] != d // 2 or k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}.")
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    cos = _last_dim_contiguous(cos.float().expand(bsz, seq, d // 2))
+    sin = _last_dim_contiguous(sin.float().expand(bsz, seq, d // 2))
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if bsz * seq > 0:
+        half = d // 2
+        # Tiles of up to 32 x 64 per half (Llama-3-8B's queries) need no more than 4 warps to
+        # keep each thread at 16 values a half; larger tiles get 8.
+        warps = 8 if triton.next_power_of_2(hq) * triton.next_power_of_2(half) > 2048 else 4
+        _rope_kernel[(bsz * seq,)](
+            q, k, q_out, k_out, cos, sin, seq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2),
+            k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            HQ=hq, HK=hk, HALF=half,
+            BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
+            BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward, num_warps=warps,
+            # Left on, fp fusion turns `round(x1*c) - round(x2*s)` into one fma that skips the
+            # second rounding (seen in the sm_90 PTX: fma.rn.bf16), and the result drifts from
+            # transformers'. Off, it is mul.rn + sub.rn, exactly torch's separate kernels.
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return q_out, k_out
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rope_forward(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq, dk = rope_forward(dq_out, dk_out, cos, sin, backward=True)
+        return dq, dk, None, None
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D); matches kernels.reference.rope."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _Rope.apply(q, k, cos, sin)
+    return rope_forward(q, k, cos, sin)

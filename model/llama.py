@@ -74,7 +74,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # (B, T, D/2)
         sin: torch.Tensor,
         positions: torch.Tensor,  # (B, T)
-        slots: torch.Tensor,  # (B,) cache rows
+        slots: torch.Tensor | None,  # (B,) cache rows, or None for rows 0..B-1
         mask: torch.Tensor,  # (B, 1, T, L)
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -83,12 +83,14 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = self.ops.rope(q, k, cos, sin)
-        rows = slots[:, None]
+        rows = torch.arange(bsz, device=x.device)[:, None] if slots is None else slots[:, None]
         self.k_cache[rows, :, positions] = k  # advanced indices first: (B, T, Hk, D)
         self.v_cache[rows, :, positions] = v
         attn_len = mask.shape[-1]
-        keys = self.k_cache[slots, :, :attn_len]  # (B, Hk, L, D)
-        values = self.v_cache[slots, :, :attn_len]
+        if slots is None:  # rows 0..B-1: views, no copy of the cache
+            keys, values = self.k_cache[:bsz, :, :attn_len], self.v_cache[:bsz, :, :attn_len]
+        else:
+            keys, values = self.k_cache[slots, :, :attn_len], self.v_cache[slots, :, :attn_len]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
         )  # (B, Hq, T, D)
@@ -162,12 +164,10 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (B, T)
         positions: torch.Tensor,  # (B, T) each token's position in its own sequence
         attn_len: int,  # attend to cache positions [0, attn_len); > every position here
-        slots: torch.Tensor | None = None,  # (B,) cache rows; default 0..B-1
+        slots: torch.Tensor | None = None,  # (B,) cache rows; None: rows 0..B-1
         last_only: bool = True,
     ) -> torch.Tensor:
         """Logits (B, 1, V) for the last token of each row, or (B, T, V)."""
-        if slots is None:
-            slots = torch.arange(tokens.shape[0], device=tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         key_pos = torch.arange(attn_len, device=tokens.device)
         mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
+from collections import deque
 
 import torch
 
 from bench.random_checkpoints import make_random_adapter, make_random_llama
-from model import lora
-from model.engine import CancelToken, Engine, GenerationSettings, generate_tokens
+from model.engine import Engine, GenerationSettings
 from model.quant import NF4Linear
 
 
@@ -67,40 +68,52 @@ def bytes_per_token(engine: Engine, attn_len: int) -> int:
     return total
 
 
-def time_ours(engine: Engine, prompt: list[int], new_tokens: int, warmup: int, iters: int) -> dict:
-    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0)
-    device = engine.runner.device
+def final_event(events):
+    """Run a generation to its end; its last event carries the final stats."""
+    return deque(events, maxlen=1)[0]
+
+
+def time_ours(engine: Engine, prompt: list[int], new_tokens: int, warmup: int, iters: int, adapter) -> dict:
+    """The engine's own path (what the app shows): generate_ids, stats from its final event."""
+    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     runs = []
     for i in range(warmup + iters):
-        sync(device)
         start = time.perf_counter()
-        first = last = None
-        n = 0
-        for token, _ in generate_tokens(
-            engine.runner,
-            prompt,
-            settings,
-            new_tokens,
-            frozenset(),
-            CancelToken(),
-            engine.loaded.args.vocab_size,
-        ):
-            if token < 0:
-                break
-            last = time.perf_counter()
-            first = first or last
-            n += 1
+        stats = final_event(engine.generate_ids(prompt, settings, adapter=adapter)).stats
         if i >= warmup:
-            runs.append((start, first, last, n))
-    total = sum(last - start for start, _, last, _ in runs)
-    decode_time = sum(last - first for _, first, last, _ in runs)
-    tokens = sum(n for *_, n in runs)
+            runs.append((stats, time.perf_counter() - start))
+    tokens = sum(s.new_tokens for s, _ in runs)
+    total = sum(t for _, t in runs)
     return {
-        "ttft_ms": 1000 * sum(first - start for start, first, _, _ in runs) / len(runs),
-        "decode_tok_s": (tokens - len(runs)) / decode_time,
+        "ttft_ms": 1000 * sum(s.time_to_first_token_s for s, _ in runs) / len(runs),
+        "decode_tok_s": (tokens - len(runs)) / sum(s.total_s - s.time_to_first_token_s for s, _ in runs),
         "e2e_tok_s": tokens / total,
         "gen_s": len(runs) / total,
         "tokens": tokens,
+    }
+
+
+def time_concurrent(engine: Engine, prompt: list[int], new_tokens: int, streams: int, adapter) -> dict:
+    """`streams` generations at once through the engine's batching: aggregate and per-stream rates."""
+    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    finals = []
+
+    def one(offset: int) -> None:
+        ids = prompt[offset:] + prompt[:offset]  # distinct prompts, same length
+        finals.append(final_event(engine.generate_ids(ids, settings, adapter=adapter)).stats)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {
+        "streams": streams,
+        "aggregate_tok_s": sum(s.new_tokens for s in finals) / wall,
+        "per_stream_decode_tok_s": sum(s.decode_tokens_per_s for s in finals) / len(finals),
+        "wall_s": wall,
     }
 
 
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--bf16-prefill", action="store_true", help="also time prefill of the bf16 model")
     parser.add_argument("--baseline", choices=["hf"], default=None, help="also time HF + bnb + peft")
+    parser.add_argument("--concurrency", type=int, default=0, help="also time N streams at once")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly, without CUDA graphs")
     parser.add_argument("--no-triton", action="store_true", help="PyTorch reference ops instead of Triton")
     parser.add_argument("--workdir", default="/tmp/bench-checkpoints", help="where random checkpoints go")
@@ -202,29 +216,23 @@ def main(argv: list[str] | None = None) -> dict:
     adapter = args.adapter
     if adapter == "random-r16":
         adapter = str(make_random_adapter(source, args.workdir, rank=16))
-    engine = Engine.load(
-        source,
-        adapters=[adapter] if adapter else [],
-        quantize=args.quantize,
-        device=args.device,
-        max_seq_len=args.max_seq_len,
-        use_triton=not args.no_triton,
-        use_cuda_graphs=not args.no_graphs,
-    )
-    lora.activate(engine.model, engine.adapter_weights[engine.adapters()[0]] if adapter else None)
+
+    def load(**overrides) -> Engine:
+        kwargs = dict(
+            adapters=[adapter] if adapter else [], quantize=args.quantize, device=args.device,
+            max_seq_len=args.max_seq_len, max_batch=1, use_triton=not args.no_triton,
+            use_cuda_graphs=not args.no_graphs,
+        )  # fmt: skip
+        return Engine.load(source, **{**kwargs, **overrides})
+
+    engine = load()
+    adapter_name = engine.adapters()[0] if adapter else None
     device = engine.runner.device
-    vocab = engine.loaded.args.vocab_size
-    prompt = random_prompt(vocab, args.prompt_tokens, seed=0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    ours = time_ours(engine, prompt, args.new_tokens, args.warmup, args.iters)
+    prompt = random_prompt(engine.loaded.args.vocab_size, args.prompt_tokens, seed=0)
+    ours = time_ours(engine, prompt, args.new_tokens, args.warmup, args.iters, adapter_name)
     ours["ttft_long_ms"] = time_prefill(engine, args.long_prompt)
-    attn_len = (
-        engine.runner.buckets[0]
-        if hasattr(engine.runner, "buckets")
-        else args.prompt_tokens + args.new_tokens
-    )
-    step_bytes = bytes_per_token(engine, attn_len)
+    buckets = getattr(engine.runner, "buckets", [args.prompt_tokens + args.new_tokens])
+    step_bytes = bytes_per_token(engine, buckets[0])
     copy_bw = copy_bandwidth(device)
     result = {
         "device": device_name(device),
@@ -236,18 +244,30 @@ def main(argv: list[str] | None = None) -> dict:
         "copy_GBps": copy_bw and copy_bw / 1e9,
         "achieved_GBps": step_bytes * ours["decode_tok_s"] / 1e9,
     }
-    if device.type == "cuda":
+    if device.type == "cuda":  # one KV-cache slot of max_seq_len, as a lone user has
         result["peak_gpu_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
         result["bandwidth_fraction"] = step_bytes * ours["decode_tok_s"] / copy_bw
+    engine.close()
+    del engine
+    if args.concurrency:
+        engine = load(max_batch=args.concurrency, max_seq_len=min(args.max_seq_len, 1024))
+        time_concurrent(engine, prompt, args.new_tokens, args.concurrency, adapter_name)  # captures graphs
+        result["concurrent"] = time_concurrent(
+            engine, prompt, args.new_tokens, args.concurrency, adapter_name
+        )
+        result["concurrent"]["one_stream"] = time_ours(engine, prompt, args.new_tokens, 1, 3, adapter_name)
+        result["concurrent_speedup"] = (
+            result["concurrent"]["aggregate_tok_s"] / result["concurrent"]["one_stream"]["decode_tok_s"]
+        )
+        engine.close()
+        del engine
     if args.bf16_prefill:
-        del engine
-        torch.cuda.empty_cache()
-        dense = Engine.load(source, quantize="none", device=args.device, max_seq_len=args.max_seq_len)
+        dense = load(quantize="none", adapters=[])
         result["bf16_ttft_long_ms"] = time_prefill(dense, args.long_prompt)
+        dense.close()
         del dense
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-    else:
-        del engine
     if args.baseline == "hf":
         result["hf"] = time_hf(source, adapter, prompt, args.new_tokens, args.warmup, args.iters, device)
         result["speedup_vs_hf"] = ours["decode_tok_s"] / result["hf"]["decode_tok_s"]
@@ -277,6 +297,12 @@ def print_table(r: dict) -> None:
         )
     else:
         print()
+    if "concurrent" in r:
+        c = r["concurrent"]
+        print(
+            f"{c['streams']} concurrent streams: {c['aggregate_tok_s']:.1f} tok/s aggregate "
+            f"({r['concurrent_speedup']:.1f}x one stream), {c['per_stream_decode_tok_s']:.1f} tok/s each"
+        )
     if "speedup_vs_hf" in r:
         print(f"decode speedup vs HF: {r['speedup_vs_hf']:.1f}x, end-to-end {r['e2e_speedup_vs_hf']:.1f}x")
 

@@ -14,12 +14,12 @@ message; if the newest message alone does not fit, the request is refused with a
 An Alpaca prompt is never trimmed: it is refused if it does not fit. When the prompt fits but
 not with all of max_new_tokens, generation stops at the end of the context (reason "length").
 
-Generations are serialised by a lock (one request at a time on the one KV-cache slot).
+Requests go to model/scheduler.py's worker, which batches concurrent generations (continuous
+batching over max_batch KV-cache slots); the caller's thread turns tokens into text.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -30,8 +30,10 @@ import torch
 from model import lora, prompts
 from model.loader import DEFAULT_SOURCE, LoadedModel, ModelSourceError, load_model
 from model.runner import GraphRunner, Runner
-from model.sampling import sample
+from model.scheduler import BusyError, Request, Scheduler
 
+DEFAULT_MAX_BATCH = 4  # KV-cache slots: concurrent generations
+DEFAULT_MAX_WAITING = 64  # requests queued beyond those before "busy"
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "</s>")
 LIMITS = {"max_new_tokens": 8192, "top_k": 100_000, "seed": 2**63 - 1}
 
@@ -49,6 +51,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None  # None = random
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def validated(self) -> GenerationSettings:
         """This object if every value is in range, else EngineError naming the first one that is not."""
@@ -120,6 +123,7 @@ class GenerationEvent:
     text: str  # new text since the previous event (may be "")
     stats: GenerationStats  # running stats; final when done
     done: bool
+    token_ids: tuple[int, ...] = ()  # the new tokens behind `text`
 
 
 class CancelToken:
@@ -134,46 +138,6 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
-
-
-def generate_tokens(
-    runner: Runner,
-    prompt_ids: list[int],
-    settings: GenerationSettings,
-    max_new_tokens: int,
-    stop_ids: frozenset[int],
-    cancel: CancelToken,
-    vocab_size: int,
-) -> Iterator[tuple[int, str | None]]:
-    """Yield (token, None) per new token, then (-1, stop_reason). The token at EOS is not yielded."""
-    seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(7), "little")
-    generator = torch.Generator(device=runner.device).manual_seed(seed)
-    seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=runner.device)
-    seen[0, torch.tensor(prompt_ids, device=runner.device)] = True
-    logits = runner.prefill(prompt_ids)
-    position = len(prompt_ids)
-    for _ in range(max_new_tokens):
-        if cancel.cancelled:
-            yield -1, "cancelled"
-            return
-        token = sample(
-            logits,
-            seen,
-            settings.temperature,
-            settings.top_k,
-            settings.top_p,
-            settings.repetition_penalty,
-            generator,
-        )
-        token_id = int(token)
-        if token_id in stop_ids:
-            yield -1, "eos"
-            return
-        yield token_id, None
-        seen[0, token_id] = True
-        logits = runner.decode(token, position)
-        position += 1
-    yield -1, "length"
 
 
 class TextStream:
@@ -217,15 +181,27 @@ class Engine:
     loaded: LoadedModel
     max_seq_len: int
     use_cuda_graphs: bool = True
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_waiting: int = DEFAULT_MAX_WAITING
     adapter_weights: dict[str, lora.Adapter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        self.model.setup_caches(1, self.max_seq_len)
+        self.model.setup_caches(self.max_batch, self.max_seq_len)
         graphs = self.use_cuda_graphs and self.loaded.device.type == "cuda"
         self.runner = GraphRunner(self.model) if graphs else Runner(self.model)
         self.stop_ids = self._stop_ids()
-        self._lock = threading.Lock()
+        self.scheduler = Scheduler(
+            self.runner, self.max_batch, self.max_waiting, self.stop_ids,
+            self.loaded.args.vocab_size, self._activate,
+        )  # fmt: skip
+
+    def _activate(self, adapter: str | None) -> None:
+        lora.activate(self.model, self.adapter_weights.get(adapter) if adapter else None)
+
+    def close(self) -> None:
+        """Stop the generation worker (generations in flight end)."""
+        self.scheduler.close()
 
     @classmethod
     def load(
@@ -238,6 +214,8 @@ class Engine:
         max_seq_len: int | None = None,
         use_triton: bool = True,
         use_cuda_graphs: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_waiting: int = DEFAULT_MAX_WAITING,
     ) -> Engine:
         try:
             loaded = load_model(source, quantize=quantize, device=device, use_triton=use_triton)
@@ -246,7 +224,9 @@ class Engine:
         limit = loaded.args.max_position_embeddings
         if max_seq_len is not None and not 16 <= max_seq_len <= limit:
             raise EngineError(f"The context length must be between 16 and {limit} tokens for this model.")
-        engine = cls(loaded, max_seq_len or min(limit, 8192), use_cuda_graphs)
+        if not 1 <= max_batch <= 64:
+            raise EngineError("The number of concurrent generations must be between 1 and 64.")
+        engine = cls(loaded, max_seq_len or min(limit, 8192), use_cuda_graphs, max_batch, max_waiting)
         for source_ in adapters:
             engine.load_adapter(source_)
         return engine
@@ -294,8 +274,7 @@ class Engine:
             weights = lora.build_adapter(self.model, source)
         except lora.AdapterError as err:
             raise EngineError(str(err)) from None
-        with self._lock:
-            self.adapter_weights[name] = weights
+        self.adapter_weights[name] = weights  # one dict store: atomic for the worker thread
         return name
 
     # ---- generation ----
@@ -359,47 +338,66 @@ class Engine:
         self._check_fits(len(ids), "message")
         return ids, trimmed
 
+    def generate_ids(
+        self,
+        ids: list[int],
+        settings: GenerationSettings = GenerationSettings(),
+        *,
+        adapter: str | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[GenerationEvent]:
+        """Generate after a prompt given as token ids (benchmarks, tests, API clients)."""
+        settings = settings.validated()
+        if not ids:
+            raise EngineError("The prompt is empty.")
+        if not all(isinstance(i, int) and 0 <= i < self.loaded.args.vocab_size for i in ids):
+            raise EngineError("Token ids must be whole numbers inside the model's vocabulary.")
+        self._check_fits(len(ids), "prompt")
+        return self._run(ids, settings, adapter, cancel, 0)
+
     def _run(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
         if adapter is not None and adapter not in self.adapter_weights:
             raise EngineError(f"No adapter named '{adapter}' is loaded.")
-        return self._generate(ids, settings, adapter, cancel or CancelToken(), trimmed)
+        request = Request(
+            ids, settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty,
+            settings.seed, min(settings.max_new_tokens, self.max_seq_len - len(ids)), adapter,
+            cancel or CancelToken(), settings.ignore_eos,
+        )  # fmt: skip
+        start = time.perf_counter()
+        try:
+            self.scheduler.submit(request)
+        except BusyError as err:
+            raise EngineError(
+                f"The server is busy ({err.args[0]} requests are waiting); please try again in a moment."
+            ) from None
+        return self._events(request, settings, start, trimmed)
 
-    def _generate(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
-        with self._lock:
-            lora.activate(self.model, self.adapter_weights.get(adapter) if adapter else None)
-            stats = GenerationStats(prompt_tokens=len(ids), prompt_trimmed_turns=trimmed)
-            stream = TextStream(self.tokenizer, settings.stop)
-            max_new = min(settings.max_new_tokens, self.max_seq_len - len(ids))
-            start = time.perf_counter()
-            first = None
-            tokens = generate_tokens(
-                self.runner,
-                ids,
-                settings,
-                max_new,
-                self.stop_ids,
-                cancel,
-                self.loaded.args.vocab_size,
-            )
-            try:
-                for token, reason in tokens:
-                    now = time.perf_counter()
-                    if reason is not None:
-                        stats.stop_reason = reason
-                        break
-                    stats.new_tokens += 1
-                    if first is None:
-                        first = now
-                        stats.time_to_first_token_s = now - start
-                    elif now > first:
-                        stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - first)
-                    stats.total_s = now - start
-                    delta = stream.push(token)
-                    if stream.stopped:
-                        stats.stop_reason = "stop"
-                        break
-                    yield GenerationEvent(delta, replace(stats), False)
-            finally:
-                tokens.close()
-            stats.total_s = time.perf_counter() - start
-            yield GenerationEvent(stream.release(final=True), stats, True)
+    def _events(self, request: Request, settings, start: float, trimmed: int) -> Iterator[GenerationEvent]:
+        """The worker's tokens as text events with running stats; closing it cancels the request."""
+        stats = GenerationStats(prompt_tokens=len(request.ids), prompt_trimmed_turns=trimmed)
+        stream = TextStream(self.tokenizer, settings.stop)
+        first = None
+        try:
+            while True:
+                token, *rest = request.out.get()
+                now = rest[-1]
+                stats.total_s = now - start
+                if token is None:
+                    stats.stop_reason = rest[0]
+                    break
+                stats.new_tokens += 1
+                if first is None:
+                    first = now
+                    stats.time_to_first_token_s = now - start
+                elif now > first:
+                    stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - first)
+                delta = stream.push(token)
+                if stream.stopped:
+                    stats.stop_reason = "stop"
+                    break
+                yield GenerationEvent(delta, replace(stats), False, (token,))
+        finally:
+            request.cancel.cancel()  # ends the row at the next step if it still runs
+        if stats.stop_reason.startswith("error:"):
+            raise EngineError(stats.stop_reason.removeprefix("error:"))
+        yield GenerationEvent(stream.release(final=True), stats, True)

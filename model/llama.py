@@ -141,7 +141,7 @@ class Transformer(nn.Module):
         )
         if self.output is not None:
             self.output.weight.requires_grad_(False)
-        self.max_seq_len = 0
+        self.max_seq_len = self.slots = 0
 
     def setup_caches(self, slots: int, max_seq_len: int) -> None:
         """Allocate the static KV cache and the RoPE table for max_seq_len positions."""
@@ -153,7 +153,7 @@ class Transformer(nn.Module):
         angles = torch.outer(torch.arange(max_seq_len).float(), rope_frequencies(self.args))
         self.rope_cos = angles.cos().to(device)  # (S, D/2) float32
         self.rope_sin = angles.sin().to(device)
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.slots = max_seq_len, slots
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight

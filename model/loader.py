@@ -49,12 +49,38 @@ class LoadedModel:
     quantized: bool
     device: torch.device
     dtype: torch.dtype
-    peak_host_memory_bytes: int
+    peak_host_memory_bytes: int  # peak RSS while loading (includes what the process held before)
+    host_memory_before_bytes: int = 0  # RSS when loading started
+
+
+def _status_kib(field: str) -> int | None:
+    """A "VmXXX:  N kB" line of /proc/self/status, in KiB (None where there is no procfs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Restart the peak-RSS count at the current RSS (Linux clear_refs "5"); returns that RSS.
+
+    Without the reset the peak is the whole process's (ru_maxrss), which in a long-lived app or a
+    test session says nothing about loading.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return (_status_kib("VmRSS") or 0) * 1024
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory since the last reset_peak_rss() (else since the process started)."""
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resolve_device(device: str) -> torch.device:
@@ -254,6 +280,7 @@ def load_model(
     """Load `source` ready to generate: "default", a local folder or a hub id."""
     from transformers import AutoConfig, AutoTokenizer
 
+    rss_before = reset_peak_rss()
     dev = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     try:
@@ -287,4 +314,4 @@ def load_model(
         raise ModelSourceError(str(err)) from None
     except (OSError, KeyError) as err:
         raise ModelSourceError(f"Could not load '{source}': {err}".split("\n")[0]) from None
-    return LoadedModel(model, tokenizer, args, source, quantized, dev, dtype, peak_rss_bytes())
+    return LoadedModel(model, tokenizer, args, source, quantized, dev, dtype, peak_rss_bytes(), rss_before)

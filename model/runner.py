@@ -42,20 +42,29 @@ class Runner:
         self.device = model.tok_embeddings.weight.device
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1."""
+    def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
+        """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1 of `slot`."""
         tokens = torch.tensor([ids], device=self.device)
+        slots = None if slot == 0 else torch.tensor([slot], device=self.device)
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = tokens[:, start : start + PREFILL_CHUNK]
             positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-            logits = self.model(chunk, positions, attn_len=start + chunk.shape[1])
+            logits = self.model(chunk, positions, attn_len=start + chunk.shape[1], slots=slots)
         return logits[:, -1]
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (1, V) after `token` (shape (1,)) at `position`."""
-        positions = torch.full((1, 1), position, device=self.device)
-        return self.model(token.view(1, 1), positions, attn_len=position + 1)[:, -1]
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits (B, V): row b reads tokens[b] at positions[b] in cache slot b."""
+        t = torch.tensor(tokens, device=self.device)[:, None]
+        p = torch.tensor(positions, device=self.device)[:, None]
+        return self.model(t, p, attn_len=max(positions) + 1)[:, -1]
+
+
+def batch_buckets(slots: int) -> list[int]:
+    sizes = [1]
+    while sizes[-1] < slots:
+        sizes.append(min(2 * sizes[-1], slots))
+    return sizes
 
 
 class GraphRunner(Runner):
@@ -64,8 +73,9 @@ class GraphRunner(Runner):
     def __init__(self, model: Transformer):
         super().__init__(model)
         self.buckets = attention_buckets(model.max_seq_len)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.batch_sizes = batch_buckets(model.slots)
+        self.token = torch.zeros(model.slots, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(model.slots, 1, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -77,13 +87,14 @@ class GraphRunner(Runner):
             if isinstance(m, LoRALinear)
         )
 
-    def capture(self, attn_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Record one decode step reading the cache up to attn_len.
+    def capture(self, batch: int, attn_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record one decode step of rows 0..batch-1 reading the cache up to attn_len.
 
         The warm-up runs execute the step for the token and position already set, so the K/V they
         write are the ones the replay writes again: capturing mid-generation changes nothing.
         """
-        step = lambda: self.model(self.token, self.position, attn_len=attn_len)[:, -1]  # noqa: E731
+        token, position = self.token[:batch], self.position[:batch]
+        step = lambda: self.model(token, position, attn_len=attn_len)[:, -1]  # noqa: E731
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -96,15 +107,18 @@ class GraphRunner(Runner):
         return graph, logits
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Logits (1, V) after `token` (shape (1,)) at `position`."""
-        attn_len = next(b for b in self.buckets if b > position)
-        key = (self.adapter_key(), attn_len)
-        self.token.copy_(token.view(1, 1))
-        self.position.fill_(position)
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits (B', V), B' >= len(tokens) the captured batch size; rows past len(tokens) are
+        free slots fed token 0 at position 0."""
+        attn_len = next(b for b in self.buckets if b > max(positions))
+        batch = next(b for b in self.batch_sizes if b >= len(tokens))
+        pad = [0] * (batch - len(tokens))
+        self.token[:batch, 0].copy_(torch.tensor(tokens + pad))
+        self.position[:batch, 0].copy_(torch.tensor(positions + pad))
+        key = (self.adapter_key(), batch, attn_len)
         if key not in self.graphs:
-            log.info("Capturing the decode step for attention length %d", attn_len)
-            self.graphs[key] = self.capture(attn_len)
+            log.info("Capturing the decode step for batch %d, attention length %d", batch, attn_len)
+            self.graphs[key] = self.capture(batch, attn_len)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits

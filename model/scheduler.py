@@ -1,0 +1,187 @@
+"""Continuous batching: one worker thread owns the model and serves every request.
+
+Each request gets a KV-cache slot. Between decode steps the worker admits waiting requests
+(prefill into their slot, first token), then runs one decode step for the active rows together
+and hands each row its token. Rows join and leave at any step; each keeps its own settings,
+stops on its own (EOS, length, cancel) and carries its own timing.
+
+A decode step covers rows 0..B-1, B one past the highest busy slot (the runner rounds B up to a
+captured batch size). A free slot inside that range is fed token 0 at position 0: its own cache
+row only, which the next request put there overwrites during its prefill. Rows of another
+adapter than the step's are fed their real token and position: the K/V they write is rewritten
+identically when their own adapter's step runs, and their logits are dropped. Adapters take
+turns step by step, so one adapter cannot starve another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.runner import Runner
+from model.sampling import sample
+
+log = logging.getLogger(__name__)
+
+
+class BusyError(RuntimeError):
+    """The waiting line is full."""
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    max_new_tokens: int
+    adapter: str | None
+    cancel: object  # anything with a .cancelled property
+    ignore_eos: bool = False
+    # What the worker sends back: (token id, time) per token, then (None, stop reason, time).
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+
+@dataclass
+class Row:
+    request: Request
+    slot: int
+    position: int  # where the next token goes
+    token: int  # the last token, the next step's input
+    generated: int
+    generator: torch.Generator
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: Runner,
+        slots: int,
+        max_waiting: int,
+        stop_ids: frozenset[int],
+        vocab_size: int,
+        activate_adapter: Callable[[str | None], None],
+    ):
+        self.runner, self.slots, self.max_waiting = runner, slots, max_waiting
+        self.stop_ids, self.vocab_size, self.activate_adapter = stop_ids, vocab_size, activate_adapter
+        self.device = runner.device
+        self.seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=self.device)
+        self.waiting: deque[Request] = deque()
+        self.rows: dict[int, Row] = {}
+        self.turn = 0  # which adapter group steps next
+        self.wake = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self.loop, name="generation-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; BusyError (with the line's length) if the line is full."""
+        with self.wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise BusyError(len(self.waiting))
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=5)
+
+    # ---- the worker ----
+
+    def loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.closed and not self.waiting and not self.rows:
+                    self.wake.wait()
+                if self.closed:
+                    return
+            try:
+                self.admit()
+                if self.rows:
+                    self.step()
+            except Exception as err:  # a failed step must not take the server down
+                log.exception("Generation step failed")
+                self.fail_all(f"Generation failed ({err.__class__.__name__}); please try again.")
+
+    def fail_all(self, message: str) -> None:
+        now = time.perf_counter()
+        for row in self.rows.values():
+            row.request.out.put((None, "error:" + message, now))
+        self.rows.clear()
+
+    def finish(self, slot: int, reason: str) -> None:
+        self.rows.pop(slot).request.out.put((None, reason, time.perf_counter()))
+
+    def free_slot(self) -> int | None:
+        return next((s for s in range(self.slots) if s not in self.rows), None)
+
+    @torch.inference_mode()
+    def admit(self) -> None:
+        while (slot := self.free_slot()) is not None:
+            with self.wake:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancel.cancelled:
+                request.out.put((None, "cancelled", time.perf_counter()))
+                continue
+            seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
+            self.activate_adapter(request.adapter)
+            logits = self.runner.prefill(request.ids, slot)
+            row = Row(request, slot, len(request.ids), 0, 0, generator)
+            self.rows[slot] = row
+            self.emit(row, int(self.pick(row, logits[0])))
+
+    def pick(self, row: Row, logits: torch.Tensor) -> torch.Tensor:
+        r = row.request
+        seen = self.seen[row.slot : row.slot + 1]
+        return sample(
+            logits[None], seen, r.temperature, r.top_k, r.top_p, r.repetition_penalty, row.generator
+        )
+
+    def emit(self, row: Row, token_id: int) -> None:
+        """Hand a sampled token to its request, or end the row."""
+        request = row.request
+        if token_id in self.stop_ids and not request.ignore_eos:
+            return self.finish(row.slot, "eos")
+        request.out.put((token_id, time.perf_counter()))
+        self.seen[row.slot, token_id] = True
+        row.token, row.generated = token_id, row.generated + 1
+        if row.generated >= request.max_new_tokens:
+            self.finish(row.slot, "length")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        for slot in [s for s, row in self.rows.items() if row.request.cancel.cancelled]:
+            self.finish(slot, "cancelled")
+        if not self.rows:
+            return
+        groups = sorted({row.request.adapter or "" for row in self.rows.values()})
+        adapter = groups[self.turn % len(groups)]
+        self.turn += 1
+        self.activate_adapter(adapter or None)
+        width = max(self.rows) + 1
+        tokens, positions = [0] * width, [0] * width
+        for slot, row in self.rows.items():
+            tokens[slot], positions[slot] = row.token, row.position
+        logits = self.runner.decode(tokens, positions)
+        stepped = [row for row in self.rows.values() if (row.request.adapter or "") == adapter]
+        picks = torch.cat([self.pick(row, logits[row.slot]) for row in stepped]).tolist()
+        for row, token_id in zip(stepped, picks):
+            row.position += 1
+            self.emit(row, token_id)

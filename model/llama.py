@@ -75,6 +75,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor,  # (B, T)
         slots: torch.Tensor | None,  # (B,) cache rows, or None for rows 0..B-1
+        rows: torch.Tensor,  # (B, 1) the same rows as an index, made once per forward
         mask: torch.Tensor,  # (B, 1, T, L)
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -83,7 +84,6 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = self.ops.rope(q, k, cos, sin)
-        rows = torch.arange(bsz, device=x.device)[:, None] if slots is None else slots[:, None]
         self.k_cache[rows, :, positions] = k  # advanced indices first: (B, T, Hk, D)
         self.v_cache[rows, :, positions] = v
         attn_len = mask.shape[-1]
@@ -115,10 +115,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
 
-    def forward(self, x, residual, cos, sin, positions, slots, mask):
+    def forward(self, x, residual, cos, sin, positions, slots, rows, mask):
         """Returns (the block's output, the residual stream before it is added)."""
         h, residual = self.attention_norm(x, residual)
-        h = self.attention(h, cos, sin, positions, slots, mask)
+        h = self.attention(h, cos, sin, positions, slots, rows, mask)
         h, residual = self.ffn_norm(h, residual)
         return self.feed_forward(h), residual
 
@@ -171,9 +171,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         key_pos = torch.arange(attn_len, device=tokens.device)
         mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        rows = (torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots)[:, None]
         x, residual = self.tok_embeddings(tokens), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, positions, slots, mask)
+            x, residual = layer(x, residual, cos, sin, positions, slots, rows, mask)
         x, _ = self.norm(x, residual)
         if last_only:
             x = x[:, -1:]

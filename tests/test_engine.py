@@ -1,0 +1,253 @@
+"""The engine's behaviour on the embedded default model: streaming text, stop strings, length,
+cancel, seeds, stats, the context policy, and errors a user can cause (each one clear sentence,
+after which the engine still generates)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    DEFAULT_MAX_SEQ_LEN,
+    assert_one_sentence,
+    default_engine,
+    hf_model,
+    peft_adapter,
+    tiny_config,
+    tiny_tokenizer_dir,
+    write_checkpoint,
+)
+
+from model import prompts
+from model.engine import CancelToken, Engine, EngineError, GenerationSettings, TextStream
+
+pytestmark = pytest.mark.slow
+GREEDY = GenerationSettings(temperature=0, max_new_tokens=64)
+PLANETS = "Name the planets in the solar system?"
+KOREAN = [{"role": "user", "content": "How do you say hello in Korean?"}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return default_engine()
+
+
+def run(events) -> tuple[str, list, list[int]]:
+    """(the streamed text, the events, the token ids behind them)."""
+    events = list(events)
+    assert events[-1].done and not any(e.done for e in events[:-1])
+    return "".join(e.text for e in events), events, [t for e in events for t in e.token_ids]
+
+
+@pytest.fixture(scope="module")
+def planets(engine):
+    return run(engine.instruct(PLANETS, settings=GREEDY))
+
+
+def still_works(engine) -> None:
+    text, events, _ = run(engine.chat([{"role": "user", "content": "Hi!"}], GREEDY))
+    assert events[-1].stats.new_tokens > 0 and text.strip()
+
+
+# ---- what the model says ----
+
+
+def test_default_model_names_the_planets(planets):
+    text = planets[0]
+    named = [
+        p
+        for p in ("Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune")
+        if p in text
+    ]
+    assert len(named) >= 6, text
+
+
+# ---- streaming ----
+
+
+def test_streamed_deltas_are_the_full_decode(engine, planets):
+    text, events, ids = planets
+    assert len(events) > 5  # it did stream
+    assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_multibyte_characters_are_never_split(engine):
+    """Korean syllables here come out of byte-level tokens that are not characters on their own."""
+    text, events, ids = run(engine.chat(KOREAN, GREEDY))
+    partial = [i for i in ids if "\ufffd" in engine.tokenizer.decode([i])]
+    assert partial, "the answer has no split character, so this test would not test anything"
+    assert not any("\ufffd" in e.text for e in events)
+    assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert any(ord(c) > 0x3000 for c in text)
+
+
+def test_text_stream_holds_back_partial_characters(engine):
+    tokenizer = engine.tokenizer
+    text = "Hi 🙂 你好世界 — café 🎉 ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    stream = TextStream(tokenizer, ())
+    deltas = [stream.push(i) for i in ids] + [stream.release(final=True)]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+# ---- how a generation ends ----
+
+
+@pytest.mark.parametrize("stop", ["Venus", ", Earth", "Mars,"])
+def test_stop_string_cuts_the_text(engine, planets, stop):
+    full = planets[0]
+    assert stop in full
+    text, events, _ = run(engine.instruct(PLANETS, settings=GenerationSettings(temperature=0, stop=(stop,))))
+    assert events[-1].stats.stop_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_max_new_tokens_gives_length(engine):
+    settings = GenerationSettings(temperature=0, max_new_tokens=5)
+    _, events, ids = run(engine.instruct(PLANETS, settings=settings))
+    assert events[-1].stats.stop_reason == "length"
+    assert events[-1].stats.new_tokens == len(ids) == 5
+
+
+def test_eos_ends_the_answer(planets):
+    stats = planets[1][-1].stats
+    assert stats.stop_reason == "eos" and stats.new_tokens < GREEDY.max_new_tokens
+
+
+def test_cancel_stops_within_a_step(engine):
+    cancel = CancelToken()
+    events = engine.instruct(
+        PLANETS, settings=GenerationSettings(temperature=0, max_new_tokens=64), cancel=cancel
+    )
+    first = next(events)
+    cancel.cancel()
+    rest = list(events)
+    final = rest[-1].stats
+    assert final.stop_reason == "cancelled"
+    # The worker may have one step in flight and one token queued when cancel() lands.
+    assert final.new_tokens <= first.stats.new_tokens + 2
+    still_works(engine)
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    def sample(seed: int) -> list[int]:
+        settings = GenerationSettings(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=12, seed=seed)
+        return run(engine.instruct("Write a sentence about the sea.", settings=settings))[2]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len({tuple(sample(s)) for s in (1, 2, 3)} | {tuple(first)}) >= 2
+
+
+def test_stats_are_sane(engine, planets):
+    _, events, ids = planets
+    stats = events[-1].stats
+    assert stats.prompt_tokens == len(prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS))
+    assert stats.new_tokens == len(ids) > 1
+    assert 0 < stats.time_to_first_token_s <= stats.total_s
+    assert stats.decode_tokens_per_s > 0
+    assert stats.prompt_trimmed_turns == 0
+    running = [e.stats.new_tokens for e in events[:-1]]
+    assert running == sorted(running)
+
+
+# ---- the context ----
+
+
+def long_turn(i: int) -> str:
+    return f"Turn {i}: " + "tell me more about the planets and their moons, " * 6
+
+
+def test_long_chat_drops_oldest_turns(engine):
+    messages = []
+    for i in range(6):
+        messages += [
+            {"role": "user", "content": long_turn(i)},
+            {"role": "assistant", "content": long_turn(i)},
+        ]
+    messages.append({"role": "user", "content": "Which planet is the largest?"})
+    full = prompts.chat_prompt_ids(engine.tokenizer, prompts.chat_messages(messages))
+    assert len(full) > DEFAULT_MAX_SEQ_LEN
+    settings = GenerationSettings(temperature=0, max_new_tokens=16)
+    text, events, _ = run(engine.chat(messages, settings))
+    stats = events[-1].stats
+    assert stats.prompt_trimmed_turns > 0
+    assert stats.prompt_tokens + settings.max_new_tokens <= DEFAULT_MAX_SEQ_LEN
+    assert stats.new_tokens > 0 and text.strip()
+
+
+def test_newest_message_over_the_context_is_refused(engine):
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "planets " * (2 * DEFAULT_MAX_SEQ_LEN)},
+    ]
+    with pytest.raises(EngineError) as err:
+        engine.chat(messages, GREEDY)
+    assert_one_sentence(str(err.value))
+    with pytest.raises(EngineError) as err:
+        engine.instruct("planets " * (2 * DEFAULT_MAX_SEQ_LEN), settings=GREEDY)
+    assert_one_sentence(str(err.value))
+    still_works(engine)
+
+
+# ---- errors a user can cause ----
+
+
+@pytest.mark.parametrize("source", ["no/such-model", "definitely not a model", "/no/such/folder"])
+def test_unknown_source(engine, source):
+    with pytest.raises(EngineError) as err:
+        Engine.load(source, device="cpu")
+    assert_one_sentence(str(err.value))
+    still_works(engine)
+
+
+BAD_SETTINGS = [
+    dict(max_new_tokens=0),
+    dict(temperature=-1),
+    dict(top_p=0),
+    dict(top_k=-1),
+    dict(repetition_penalty=0),
+    dict(seed=-5),
+    dict(stop=("",)),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_SETTINGS, ids=lambda b: next(iter(b)))
+def test_bad_settings(engine, bad):
+    with pytest.raises(EngineError) as err:
+        engine.chat([{"role": "user", "content": "Hi"}], GenerationSettings(**bad))
+    assert_one_sentence(str(err.value))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: e.chat([{"role": "user", "content": "   "}], GREEDY),
+        lambda e: e.chat([], GREEDY),
+        lambda e: e.instruct("", settings=GREEDY),
+        lambda e: e.generate_ids([], GREEDY),
+        lambda e: e.chat([{"role": "user", "content": "Hi"}], GREEDY, adapter="not loaded"),
+    ],
+    ids=["blank message", "no messages", "empty instruction", "no ids", "unknown adapter"],
+)
+def test_empty_prompt(engine, call):
+    with pytest.raises(EngineError) as err:
+        call(engine)
+    assert_one_sentence(str(err.value))
+
+
+def test_adapter_for_another_hidden_size(engine, tmp_path, tmp_path_factory):
+    folder = write_checkpoint(
+        tmp_path / "other", tiny_tokenizer_dir(tmp_path_factory), tiny_config(hidden_size=128), torch.float32
+    )
+    adapter = peft_adapter(hf_model(folder), tmp_path / "adapter", seed=0)
+    before = run(engine.instruct(PLANETS, settings=GenerationSettings(temperature=0, max_new_tokens=8)))[2]
+    with pytest.raises(EngineError) as err:
+        engine.load_adapter(str(adapter))
+    assert "q_proj" in str(err.value)
+    assert_one_sentence(str(err.value))
+    assert engine.adapters() == []
+    after = run(engine.instruct(PLANETS, settings=GenerationSettings(temperature=0, max_new_tokens=8)))[2]
+    assert after == before

@@ -1,0 +1,250 @@
+"""The loader against transformers on the checkpoint formats users bring: save_pretrained in bf16
+(served unquantized or quantized to NF4 at load), a checkpoint quantized and saved by
+transformers + bitsandbytes (served as stored), Llama-3.1 rope scaling, Llama-3.2 tied embeddings,
+and sources that are not models at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import (
+    assert_one_sentence,
+    bnb_reference,
+    fp_reference_linears,
+    hf_logits,
+    hf_model,
+    our_logits,
+    random_ids,
+    tiny_config,
+    tiny_tokenizer_dir,
+    write_checkpoint,
+)
+from safetensors import safe_open
+
+from model import loader
+from model.config import ModelArgs
+from model.loader import ModelSourceError, load_model
+from model.quant import expand_absmax
+
+FP32 = dict(atol=1e-5, rtol=1e-5)  # same weights, same ops: fp32 rounding only (measured: exact)
+HF_PROJECTIONS = {
+    "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.wo": ("self_attn.o_proj",),
+    "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+    "feed_forward.w2": ("mlp.down_proj",),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return tiny_tokenizer_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("bf16")
+    return write_checkpoint(folder, tokenizer_dir, tiny_config(), torch.bfloat16, seed=2)
+
+
+@pytest.fixture(scope="module")
+def bnb_folder(tmp_path_factory, bf16_folder):
+    """Quantized by transformers + bitsandbytes at load, then written by save_pretrained (on CPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(bf16_folder, quantization_config=config, device_map="cpu")
+    folder = tmp_path_factory.mktemp("bnb-4bit")
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bf16_folder / name, folder / name)
+    return folder
+
+
+def stored(folder, name: str) -> torch.Tensor:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def test_bf16_checkpoint_unquantized_matches_transformers(bf16_folder):
+    assert stored(bf16_folder, "model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+    loaded = load_model(str(bf16_folder), quantize="none", device="cpu")
+    assert not loaded.quantized and loaded.dtype == torch.float32
+    reference = hf_model(bf16_folder, torch.float32)
+    for seed in range(2):
+        ids = random_ids(32, loaded.args.vocab_size, seed)
+        torch.testing.assert_close(our_logits(loaded.model, ids), hf_logits(reference, ids), **FP32)
+
+
+def test_bf16_checkpoint_quantized_at_load_matches_bitsandbytes(bf16_folder):
+    loaded = load_model(str(bf16_folder), quantize="nf4", device="cpu")
+    assert loaded.quantized
+    reference = bnb_reference(hf_model(bf16_folder, torch.float32))
+    for i in range(loaded.args.n_layers):
+        for ours, theirs in HF_PROJECTIONS.items():
+            packed = torch.cat(
+                [reference.model.layers[i].get_submodule(n).weight.data.reshape(-1) for n in theirs]
+            )
+            assert torch.equal(loaded.model.get_submodule(f"layers.{i}.{ours}").packed, packed)
+    ids = random_ids(32, loaded.args.vocab_size, 5)
+    torch.testing.assert_close(our_logits(loaded.model, ids), hf_logits(reference, ids), **FP32)
+
+
+def test_bitsandbytes_checkpoint_loads_as_stored(bnb_folder, monkeypatch):
+    config = json.loads((bnb_folder / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"]
+    with safe_open(str(bnb_folder / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    prefix = "model.layers.1.mlp.down_proj.weight"
+    for suffix in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"):
+        assert prefix + suffix in keys
+    assert prefix + ".quant_state.bitsandbytes__nf4" in keys
+
+    def no_requantizing(*args, **kwargs):
+        raise AssertionError("a pre-quantized checkpoint was quantized again")
+
+    monkeypatch.setattr(loader, "quantize_nf4", no_requantizing)
+    loaded = load_model(str(bnb_folder), quantize="auto", device="cpu")
+    assert loaded.quantized
+    layer = loaded.model.layers[1].feed_forward.w2
+    assert torch.equal(layer.packed, stored(bnb_folder, prefix).reshape(-1))
+    state = json.loads(bytes(stored(bnb_folder, prefix + ".quant_state.bitsandbytes__nf4").tolist()))
+    absmax = expand_absmax(
+        stored(bnb_folder, prefix + ".absmax"),
+        stored(bnb_folder, prefix + ".nested_quant_map"),
+        stored(bnb_folder, prefix + ".nested_absmax"),
+        state["nested_offset"],
+    )
+    assert torch.equal(layer.absmax, absmax)
+
+    # The reference: transformers reading the same saved checkpoint into bitsandbytes Linear4bit.
+    reference = hf_model(bnb_folder, torch.float32, device_map="cpu")
+    fp_reference_linears(reference, torch.float32)
+    for seed in range(2):
+        ids = random_ids(32, loaded.args.vocab_size, seed)
+        torch.testing.assert_close(our_logits(loaded.model, ids), hf_logits(reference, ids), **FP32)
+
+
+def test_bitsandbytes_checkpoint_cannot_be_served_unquantized(bnb_folder):
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(bnb_folder), quantize="none", device="cpu")
+    assert_one_sentence(str(err.value))
+
+
+def test_llama31_rope_scaling(tmp_path, tokenizer_dir):
+    """A config.json as Llama-3.1 ships it (rope_theta and a "llama3" rope_scaling at top level),
+    with an original context of 32 so that positions up to 120 exercise all three bands."""
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    folder = write_checkpoint(tmp_path / "llama31", tokenizer_dir, tiny_config(), torch.bfloat16, seed=3)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=500000.0, rope_scaling=scaling)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    loaded = load_model(str(folder), quantize="none", device="cpu")
+    assert loaded.args.rope_theta == 500000.0
+    assert loaded.args.rope_scaling == {k: v for k, v in scaling.items() if k != "rope_type"}
+    reference = hf_model(folder, torch.float32)
+    ids = random_ids(120, loaded.args.vocab_size, 4)
+    ours = our_logits(loaded.model, ids)
+    torch.testing.assert_close(ours, hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
+    # Without the scaling the logits are clearly different, so the comparison above means something.
+    config.pop("rope_scaling")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert (ours - hf_logits(hf_model(folder, torch.float32), ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_tied_embeddings(tmp_path, tokenizer_dir, quantize):
+    """Llama-3.2 style: lm_head is the embedding matrix and save_pretrained stores it once."""
+    folder = write_checkpoint(
+        tmp_path / "tied", tokenizer_dir, tiny_config(tie_word_embeddings=True), torch.bfloat16, seed=4
+    )
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    loaded = load_model(str(folder), quantize=quantize, device="cpu")
+    assert loaded.args.tie_word_embeddings and loaded.model.output is None
+    reference = hf_model(folder, torch.float32)
+    if quantize == "nf4":
+        reference = bnb_reference(reference)
+    ids = random_ids(32, loaded.args.vocab_size, 6)
+    torch.testing.assert_close(our_logits(loaded.model, ids), hf_logits(reference, ids), **FP32)
+
+
+def test_model_args_are_read_exactly(bf16_folder):
+    from transformers import AutoConfig
+
+    args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(bf16_folder))
+    expected = dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64)
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert args.intermediate_size == 512 and args.rope_scaling is None and not args.tie_word_embeddings
+    assert args.eos_token_ids == (2,)
+
+
+def test_peak_host_memory_is_reported(tmp_path, tokenizer_dir):
+    """A ~60 MB bf16 checkpoint loaded unquantized into ~120 MB of fp32: the loader reads a tensor
+    at a time, so loading must not hold much more than the model plus the file it maps."""
+    config = tiny_config(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, vocab_size=8192)
+    config.num_attention_heads, config.num_key_value_heads = 8, 2
+    folder = write_checkpoint(tmp_path / "mid", tokenizer_dir, config, torch.bfloat16, seed=5)
+    file_bytes = (folder / "model.safetensors").stat().st_size
+    loaded = load_model(str(folder), quantize="none", device="cpu")
+    model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+    growth = loaded.peak_host_memory_bytes - loaded.host_memory_before_bytes
+    print(
+        f"\npeak host memory while loading: {loaded.peak_host_memory_bytes / 2**20:.0f} MiB "
+        f"(+{growth / 2**20:.0f} MiB over {loaded.host_memory_before_bytes / 2**20:.0f} MiB before); "
+        f"model {model_bytes / 2**20:.0f} MiB, checkpoint file {file_bytes / 2**20:.0f} MiB"
+    )
+    assert loaded.peak_host_memory_bytes >= loaded.host_memory_before_bytes > 0
+    # A second full copy of the model (the usual loader bug) would add another model_bytes.
+    assert growth < model_bytes + file_bytes + 32 * 2**20
+
+
+# ---- sources that are not (supported) models ----
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(tmp_path), device="cpu")
+    assert "config.json" in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
+def test_non_llama_checkpoint_is_refused(tmp_path, bf16_folder):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(bf16_folder, folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1}))
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(folder), device="cpu")
+    assert "gpt2" in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
+@pytest.mark.parametrize("source, quantize", [("bf16", "none"), ("bf16", "nf4"), ("bnb", "auto")])
+def test_checkpoint_that_does_not_fit_its_config_is_refused(
+    tmp_path, bf16_folder, bnb_folder, source, quantize
+):
+    """Tensors that disagree with config.json must not load into a silently wrong model."""
+    folder = tmp_path / "mismatch"
+    shutil.copytree(bf16_folder if source == "bf16" else bnb_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 448
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(folder), quantize=quantize, device="cpu")
+    assert "model.layers.0.mlp.gate_proj.weight" in str(err.value)
+    assert_one_sentence(str(err.value))

@@ -1,0 +1,197 @@
+"""PEFT LoRA adapters on our model against peft's own PeftModel.
+
+Adapters are made with peft's get_peft_model (init_lora_weights=False, so B is random and the
+adapter changes the output) and save_pretrained on a small random Llama; ours reads the saved
+folder. Unquantized bases compare at fp32 rounding; an NF4 base is compared with peft on top of
+bitsandbytes' Linear4bit holding the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import (
+    assert_one_sentence,
+    bnb_reference,
+    hf_greedy,
+    hf_logits,
+    hf_model,
+    our_logits,
+    peft_adapter,
+    peft_model,
+    random_ids,
+    tiny_config,
+    tiny_tokenizer_dir,
+    write_checkpoint,
+)
+
+from model import lora
+from model.engine import Engine, EngineError, GenerationSettings
+from model.loader import load_model
+
+# fp32, logits up to ~6 and adapters that move them by ~7: peft adds scale * B(Ax) per projection,
+# we add (B * scale)(Ax) with the scale folded into B and q/k/v (gate/up) stacked. That only
+# reorders fp32 rounding (measured max |diff| 4.5e-5, with rsLoRA's larger scale); a wrong scale
+# or a missing module shows as differences of order 1.
+ATOL, RTOL = 1e-4, 1e-4
+ADAPTERS = {
+    "all-linear": dict(target_modules="all-linear"),
+    "all-linear-rslora": dict(target_modules="all-linear", use_rslora=True),
+    "subset": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "subset-rslora": dict(target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"], use_rslora=True),
+    "patterns": dict(
+        target_modules="all-linear",
+        rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2},
+        alpha_pattern={"v_proj": 32, "model.layers.0.mlp.up_proj": 3},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return tiny_tokenizer_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("lora-base")
+    return write_checkpoint(folder, tokenizer_dir, tiny_config(), torch.float32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def hf(base):
+    return hf_model(base)
+
+
+@pytest.fixture(scope="module")
+def ours(base):
+    return load_model(str(base), quantize="none", device="cpu").model
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory, hf):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: peft_adapter(hf, root / name, seed=i, **kwargs)
+        for i, (name, kwargs) in enumerate(ADAPTERS.items())
+    }
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_adapter_logits_match_peft(ours, hf, adapter_dirs, name):
+    reference = peft_model(hf, adapter_dirs[name])
+    adapter = lora.build_adapter(ours, str(adapter_dirs[name]))
+    try:
+        for seed in range(2):
+            ids = random_ids(24, ours.args.vocab_size, seed)
+            lora.activate(ours, adapter)
+            with_lora = our_logits(ours, ids)
+            torch.testing.assert_close(with_lora, hf_logits(reference, ids), atol=ATOL, rtol=RTOL)
+            lora.activate(ours, None)
+            base_logits = our_logits(ours, ids)
+            torch.testing.assert_close(base_logits, hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+            assert (with_lora - base_logits).abs().max() > 0.1  # the adapter really acts
+    finally:
+        lora.activate(ours, None)
+
+
+def test_rank_and_alpha_patterns_are_read(ours, adapter_dirs):
+    """The stacked B of a patterned module carries alpha/r of its own pattern entry."""
+    config = json.loads((adapter_dirs["patterns"] / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    adapter = lora.build_adapter(ours, str(adapter_dirs["patterns"]))
+    assert adapter["layers.1.feed_forward.w2"].a.shape[0] == 2
+    assert adapter["layers.0.feed_forward.w2"].a.shape[0] == 8
+    assert adapter["layers.0.attention.wqkv"].a.shape[0] == 4 + 8 + 8  # q r=4, k and v r=8
+
+
+def test_nf4_base_with_adapter_matches_peft_on_bitsandbytes(base, hf, adapter_dirs):
+    quantized = load_model(str(base), quantize="nf4", device="cpu").model
+    for name in ("all-linear-rslora", "subset"):
+        reference = peft_model(bnb_reference(hf), adapter_dirs[name])
+        lora.activate(quantized, lora.build_adapter(quantized, str(adapter_dirs[name])))
+        ids = random_ids(24, quantized.args.vocab_size, 7)
+        torch.testing.assert_close(
+            our_logits(quantized, ids), hf_logits(reference, ids), atol=ATOL, rtol=RTOL
+        )
+
+
+# ---- adapters that do not fit ----
+
+
+@pytest.fixture(scope="module")
+def wrong_adapters(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("wrong")
+    other = write_checkpoint(root / "other", tokenizer_dir, tiny_config(hidden_size=128), torch.float32)
+    cases = {"other hidden size": peft_adapter(hf_model(other), root / "other-adapter", seed=0)}
+    (root / "no-config").mkdir()
+    (root / "no-config" / "adapter_model.safetensors").write_bytes(b"")
+    cases["no adapter_config.json"] = root / "no-config"
+    pickled = root / "pickled"
+    pickled.mkdir()
+    config = json.loads((cases["other hidden size"] / "adapter_config.json").read_text())
+    (pickled / "adapter_config.json").write_text(json.dumps(config))
+    torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
+    cases["pickled adapter_model.bin"] = pickled
+    cases["missing folder"] = root / "does-not-exist"
+    return cases
+
+
+EXPECTED_WORDS = {
+    "other hidden size": "base_model.model.model.layers.0.self_attn.q_proj",  # the first mismatch
+    "no adapter_config.json": "adapter_config.json",
+    "pickled adapter_model.bin": "adapter_model.safetensors",
+    "missing folder": "No adapter folder",
+}
+
+
+@pytest.mark.parametrize("case", list(EXPECTED_WORDS))
+def test_wrong_adapter_is_refused_and_model_unchanged(ours, adapter_dirs, wrong_adapters, case):
+    active = lora.build_adapter(ours, str(adapter_dirs["subset"]))
+    lora.activate(ours, active)
+    ids = random_ids(16, ours.args.vocab_size, 3)
+    before = our_logits(ours, ids)
+    with pytest.raises(lora.AdapterError) as err:
+        lora.build_adapter(ours, str(wrong_adapters[case]))
+    assert EXPECTED_WORDS[case] in str(err.value)
+    assert_one_sentence(str(err.value))
+    assert torch.equal(our_logits(ours, ids), before)
+    lora.activate(ours, None)
+
+
+# ---- the engine: several adapters, one chosen per request ----
+
+
+def test_engine_chooses_adapter_per_request(base, hf, adapter_dirs, wrong_adapters):
+    engine = Engine.load(str(base), quantize="none", device="cpu", max_seq_len=128)
+    names = {engine.load_adapter(str(adapter_dirs["all-linear"]), name="a")}
+    names.add(engine.load_adapter(str(adapter_dirs["subset-rslora"]), name="b"))
+    assert sorted(engine.adapters()) == ["a", "b"] == sorted(names)
+    with pytest.raises(EngineError) as err:
+        engine.load_adapter(str(wrong_adapters["other hidden size"]), name="c")
+    assert_one_sentence(str(err.value))
+    assert sorted(engine.adapters()) == ["a", "b"]
+    with pytest.raises(EngineError, match="No adapter named"):
+        engine.chat([{"role": "user", "content": "hello"}], adapter="nope")
+
+    messages = [{"role": "user", "content": "name the planets"}]
+    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = engine.tokenizer(ids, add_special_tokens=False)["input_ids"]
+    references = {
+        "a": peft_model(hf, adapter_dirs["all-linear"]),
+        "b": peft_model(hf, adapter_dirs["subset-rslora"]),
+        None: hf,
+    }
+    settings = GenerationSettings(temperature=0, max_new_tokens=12)
+    texts = {}
+    for adapter in ("a", None, "b", "a"):  # switching back and forth, no reload
+        events = list(engine.chat(messages, settings, adapter=adapter))
+        expected = hf_greedy(references[adapter], ids, 12)
+        texts[adapter] = "".join(e.text for e in events)
+        # The random model emits stray bytes; the engine never shows an unfinished character at
+        # the end of a generation (U+FFFD of a partial UTF-8 sequence), HF's decode does.
+        full = engine.tokenizer.decode(expected, skip_special_tokens=True)
+        assert texts[adapter] == full.rstrip("\ufffd"), adapter
+    assert len(set(texts.values())) == 3

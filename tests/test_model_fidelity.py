@@ -1,0 +1,235 @@
+"""Our Llama against independent references: HF transformers unquantized, transformers with
+bitsandbytes' Linear4bit for NF4, bitsandbytes' own dequantize_4bit for NF4Linear, and
+transformers' logits processors for sampling.
+
+NF4 references hold the bytes bitsandbytes itself produced from the same source weights, and
+each test first checks that our packed bytes are those bytes, so a logits difference can only
+come from the forward pass.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from helpers import (
+    bnb_packed,
+    bnb_reference,
+    default_engine,
+    default_hf,
+    engine_over,
+    hf_greedy,
+    hf_logits,
+    hf_model,
+    our_greedy,
+    our_logits,
+    random_ids,
+    tiny_config,
+    tiny_tokenizer_dir,
+    write_checkpoint,
+)
+
+from model import prompts
+from model.config import ModelArgs
+from model.engine import GenerationSettings
+from model.loader import LoadedModel, build, load_model
+from model.ops import REFERENCE_OPS
+from model.quant import NF4Linear, quantize_nf4
+from model.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain photosynthesis in one sentence."}],
+    [{"role": "user", "content": "List three prime numbers."}],
+    [
+        {"role": "user", "content": "How do I reverse a list in Python?"},
+        {"role": "assistant", "content": "Use slicing: my_list[::-1]."},
+        {"role": "user", "content": "And in place?"},
+    ],
+]
+NEW_TOKENS = 32
+# (dtype, atol, rtol) for logits of the tiny random model (|logits| up to ~6). Both sides dequantize
+# bit-identically and run the same ops, so on the CI CPU they agree exactly; the tolerance leaves
+# room for another matmul blocking: fp32 rounding, and one bf16 ulp (1/32) at magnitudes 4-8.
+DTYPE_TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1 / 32, 0)]
+PROJECTIONS = {
+    "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.wo": ("self_attn.o_proj",),
+    "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+    "feed_forward.w2": ("mlp.down_proj",),
+}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return default_engine()
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return default_hf()
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    return prompts.chat_prompt_ids(tokenizer, prompts.chat_messages(messages))
+
+
+# ---- unquantized: the embedded default model against HF generate ----
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("messages", CHATS, ids=lambda m: m[-1]["content"][:20])
+def test_default_greedy_tokens_and_text_match_hf_generate(engine, hf, messages):
+    ids = chat_ids(engine.tokenizer, messages)
+    theirs = hf_greedy(hf, ids, NEW_TOKENS)
+    ours = our_greedy(engine, ids, NEW_TOKENS)  # EOS ignored: always 32
+    assert len(ours) == NEW_TOKENS
+    # HF stops at EOS (and keeps it); up to there the ids must be identical.
+    assert ours[: len(theirs)] == theirs
+    if len(theirs) < NEW_TOKENS:
+        assert theirs[-1] in engine.stop_ids
+    # The engine's own greedy text (which stops at EOS) is HF's decoded text.
+    events = list(engine.chat(messages, GenerationSettings(temperature=0, max_new_tokens=NEW_TOKENS)))
+    text = "".join(e.text for e in events)
+    assert text == engine.tokenizer.decode(theirs, skip_special_tokens=True)
+    assert events[-1].stats.stop_reason == ("eos" if len(theirs) < NEW_TOKENS else "length")
+
+
+# ---- NF4: a small random Llama against transformers + bitsandbytes Linear4bit ----
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-fp32")
+    return write_checkpoint(folder, tiny_tokenizer_dir(tmp_path_factory), tiny_config(), torch.float32)
+
+
+def assert_same_nf4_bytes(model, reference) -> None:
+    """Our packed bytes and expanded absmax are exactly what bitsandbytes produced."""
+    for i in range(model.args.n_layers):
+        for ours_name, theirs in PROJECTIONS.items():
+            module = model.get_submodule(f"layers.{i}.{ours_name}")
+            assert torch.equal(module.packed, bnb_packed(reference, i, theirs)), (i, ours_name)
+            states = [reference.model.layers[i].get_submodule(n).weight.quant_state for n in theirs]
+            absmax = torch.cat([bnbf.dequantize_blockwise(s.absmax, s.state2) + s.offset for s in states])
+            assert torch.equal(module.absmax, absmax), (i, ours_name)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES)
+def test_tiny_nf4_logits_and_greedy_match_bitsandbytes(tiny_folder, dtype, atol, rtol):
+    engine = engine_over(load_model(str(tiny_folder), quantize="nf4", device="cpu", dtype=dtype))
+    ours = engine.model
+    reference = bnb_reference(hf_model(tiny_folder, dtype), compute_dtype=dtype)
+    assert_same_nf4_bytes(ours, reference)
+    for seed in range(3):
+        ids = random_ids(40, ours.args.vocab_size, seed)
+        torch.testing.assert_close(our_logits(ours, ids), hf_logits(reference, ids), atol=atol, rtol=rtol)
+    # NF4 must actually change the model, or the comparison above proves nothing.
+    dense = hf_logits(hf_model(tiny_folder, dtype), ids)
+    assert (dense - hf_logits(reference, ids)).abs().max() > 20 * atol
+    for seed in range(2):
+        ids = random_ids(12, ours.args.vocab_size, 10 + seed)
+        theirs = hf_greedy(reference, ids, 16)
+        assert our_greedy(engine, ids, 16)[: len(theirs)] == theirs
+    engine.close()
+
+
+@pytest.mark.slow
+def test_default_model_nf4_matches_bitsandbytes(engine, hf):
+    """The NF4 path on the real default model: the loader's build() on the weights transformers
+    read from the GGUF (what load_model("default", quantize="nf4") does after reading)."""
+    args = ModelArgs.from_hf_config(hf.config)
+    state = hf.state_dict()
+    cpu = torch.device("cpu")
+    ours = build(args, state.__getitem__, True, False, cpu, torch.float32, False)
+    reference = bnb_reference(hf)
+    assert_same_nf4_bytes(ours, reference)
+    ids = chat_ids(engine.tokenizer, CHATS[0])
+    # Logits of this model reach ~40; fp32 rounding of two matmul orders stays far below 1e-3.
+    torch.testing.assert_close(our_logits(ours, ids), hf_logits(reference, ids), atol=1e-3, rtol=1e-4)
+    # A few greedy steps through the engine (the reference NF4 path is slow on CPU: ~1 s a token).
+    nf4_engine = engine_over(
+        LoadedModel(ours, engine.tokenizer, args, "default", True, cpu, torch.float32, 0)
+    )
+    theirs = hf_greedy(reference, ids, 4)
+    assert our_greedy(nf4_engine, ids, 4)[: len(theirs)] == theirs
+    nf4_engine.close()
+
+
+# ---- NF4Linear against bitsandbytes.functional.dequantize_4bit ----
+
+ODD_SHAPES = [(5, 123), (123, 123), (1, 7), (3, 64), (64, 200), (257, 320), (96, 4160)]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4linear_dequantize_equals_bitsandbytes(shape, dtype):
+    n_out, n_in = shape
+    generator = torch.Generator().manual_seed(n_out * 1000 + n_in)
+    # Heavy tails and a zero block make the absmax statistics uneven, as in real weights.
+    weight = torch.randn(shape, generator=generator) ** 3
+    weight.view(-1)[:64] = 0
+    weight = weight.to(dtype)
+    packed_bnb, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    native = bnbf.dequantize_4bit(packed_bnb, state)  # in the weight's dtype
+    state.dtype = torch.float32  # the same bytes and statistics, dequantized to fp32
+    expected = bnbf.dequantize_4bit(packed_bnb, state)
+    assert expected.shape == shape and expected.dtype == torch.float32
+
+    layer = NF4Linear(n_in, n_out, REFERENCE_OPS)
+    packed, absmax = quantize_nf4(weight)
+    layer.packed.copy_(packed)
+    layer.absmax.copy_(absmax)
+    assert torch.equal(layer.packed, packed_bnb.reshape(-1))
+    got = layer.dequantized(torch.float32)
+    assert (got - expected).abs().max().item() <= 1e-6
+    # In the weight's own dtype it is bitsandbytes' output exactly.
+    assert torch.equal(layer.dequantized(dtype), native)
+    # And the forward pass is x @ W^T with that weight.
+    x = torch.randn(3, n_in, generator=generator)
+    torch.testing.assert_close(layer(x), x @ expected.T, atol=1e-5, rtol=1e-5)
+
+
+# ---- sampling against transformers' logits processors ----
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, penalty",
+    [(1.0, 0, 1.0, 1.0), (0.7, 50, 0.95, 1.0), (1.3, 5, 0.5, 1.2), (0.5, 0, 0.9, 0.8), (1.0, 999, 0.3, 1.1)],
+)
+def test_sampling_filters_match_transformers(temperature, top_k, top_p, penalty):
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1000, generator=generator) * 4
+    context = torch.randint(0, 1000, (3, 40), generator=generator)
+    seen = torch.zeros(3, 1000, dtype=torch.bool).scatter(1, context, True)
+
+    expected = (
+        RepetitionPenaltyLogitsProcessor(penalty)(context, logits.clone()) if penalty != 1.0 else logits
+    )
+    expected = TemperatureLogitsWarper(temperature)(context, expected)
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(context, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(context, expected)
+    ours = filter_top_k_top_p(apply_repetition_penalty(logits, seen, penalty) / temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)], atol=0, rtol=0)
+    assert (~torch.isinf(ours)).sum(-1).min() >= 1
+
+    # Temperature 0 is greedy after the penalty; a seeded generator makes sampling repeatable and
+    # never picks a filtered-out token.
+    assert torch.equal(sample(logits, seen, 0, top_k, top_p, penalty, None), expected.argmax(-1))
+    draws = [
+        sample(logits, seen, temperature, top_k, top_p, penalty, torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.isinf(ours.gather(1, draws[0][:, None])).any()

@@ -28,19 +28,11 @@ def checkpoint(tmp_path_factory):
 
 
 def greedy(engine, prompt: list[int]) -> list[int]:
-    from model.engine import CancelToken, GenerationSettings, generate_tokens
+    from model.engine import GenerationSettings
 
-    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, temperature=0.0)
-    args = (
-        engine.runner,
-        prompt,
-        settings,
-        NEW_TOKENS,
-        frozenset(),
-        CancelToken(),
-        engine.loaded.args.vocab_size,
-    )
-    return [t for t, _ in generate_tokens(*args) if t >= 0]
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    events = engine.generate_ids(prompt, settings, adapter=engine.adapters()[0])
+    return [t for event in events for t in event.token_ids]
 
 
 def load(folder, adapter, graphs: bool, triton: bool = True):

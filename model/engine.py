@@ -376,7 +376,7 @@ class Engine:
         """The worker's tokens as text events with running stats; closing it cancels the request."""
         stats = GenerationStats(prompt_tokens=len(request.ids), prompt_trimmed_turns=trimmed)
         stream = TextStream(self.tokenizer, settings.stop)
-        first = None
+        first, tail = None, ""
         try:
             while True:
                 token, *rest = request.out.get()
@@ -392,12 +392,12 @@ class Engine:
                 elif now > first:
                     stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - first)
                 delta = stream.push(token)
-                if stream.stopped:
-                    stats.stop_reason = "stop"
+                if stream.stopped:  # the text before the stop string goes out with the final event
+                    stats.stop_reason, tail = "stop", delta
                     break
                 yield GenerationEvent(delta, replace(stats), False, (token,))
         finally:
             request.cancel.cancel()  # ends the row at the next step if it still runs
         if stats.stop_reason.startswith("error:"):
             raise EngineError(stats.stop_reason.removeprefix("error:"))
-        yield GenerationEvent(stream.release(final=True), stats, True)
+        yield GenerationEvent(tail + stream.release(final=True), stats, True)

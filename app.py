@@ -1,0 +1,857 @@
+"""Chat with a Llama-family model in the browser, with live tokens/s under every reply.
+
+A thin Gradio layer over model.engine: text and settings go in, streamed text and stats come
+out; nothing here touches tensors. Design decisions:
+
+- The Chat tab's conversation lives in a gr.State of plain turns; the Chatbot is a view of it,
+  so the tokens/s line drawn under each reply never reaches the model.
+- Streaming is throttled to UPDATES_PER_SECOND: a model decoding hundreds of tokens a second
+  would otherwise send the browser one message per token.
+- Stop goes through the engine's CancelToken. Send first arms a token in an unqueued step, so
+  Stop also reaches a request still waiting in the queue; a client that cancels its job closes
+  the handler's generator, whose `finally` cancels the token as well.
+- Every generation runs in one concurrency group as wide as the engine's batch (its max_batch
+  KV-cache slots; 1 for an engine that serialises): more would only park threads inside the
+  engine, while Gradio's bounded queue shows each waiting user a true place.
+- API: `chat` and `instruct` stream (reply, stats); `stop` cancels the caller's generations;
+  `model_info` describes what is loaded. The UI's own events are private.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from model.engine import (
+    CancelToken,
+    Engine,
+    EngineError,
+    GenerationEvent,
+    GenerationSettings,
+    GenerationStats,
+)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_PORT = 7860
+UPDATES_PER_SECOND = 15
+GENERATION_GROUP = "generation"
+NO_ADAPTER = "none"
+DEFAULTS = GenerationSettings()
+THEME = gr.themes.Soft(
+    primary_hue="indigo",
+    # System fonts: the page needs no font download, which also keeps it working offline.
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "monospace"],
+)
+
+SHARE_WITHOUT_AUTH = (
+    "Warning: --share publishes this app at a public gradio.live address that anyone can use; "
+    "add --auth USER:PASS to require a password."
+)
+
+log = logging.getLogger("app")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """An environment variable, with unset and empty treated alike."""
+    return os.environ.get(name) or default
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name, "") or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags, each with an environment variable for Docker and Spaces (the flag wins)."""
+    parser = argparse.ArgumentParser(
+        description="Chat with a Llama-family model (NF4 + LoRA) in the browser, with live tokens/s.",
+    )
+    parser.add_argument(
+        "--model",
+        default=_env("MODEL_ID", "default"),
+        metavar="SOURCE",
+        help="'default' (the embedded SmolLM2-135M-Instruct), a hub id or a local folder "
+        "[env MODEL_ID; default: %(default)s]",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        metavar="PATH_OR_ID",
+        help="LoRA adapter to load at start, local folder or hub id; repeat for several, the "
+        "first is selected [env ADAPTER_ID, comma separated]",
+    )
+    parser.add_argument(
+        "--quantize",
+        default=_env("QUANTIZE", "auto"),
+        choices=["auto", "nf4", "none"],
+        help="weights of the seven projections of each layer: nf4 (quantized at load), none "
+        "(kept 16/32-bit) or auto (NF4 for models of 1B parameters or more); a pre-quantized "
+        "4-bit checkpoint is served as stored [env QUANTIZE; default: %(default)s]",
+    )
+    parser.add_argument(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs [env DEVICE; default: %(default)s]",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=_env("MAX_SEQ_LEN"),
+        metavar="N",
+        help="context length (prompt + reply) of the KV cache; default: the engine's choice "
+        "for the model [env MAX_SEQ_LEN]",
+    )
+    parser.add_argument(
+        "--no-triton",
+        action="store_true",
+        default=_env_flag("NO_TRITON"),
+        help="use the PyTorch reference ops instead of the Triton kernels on CUDA [env NO_TRITON=1]",
+    )
+    parser.add_argument(
+        "--host",
+        default=_env("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on; 0.0.0.0 for every interface "
+        "[env GRADIO_SERVER_NAME; default: %(default)s]",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env("GRADIO_SERVER_PORT", _env("PORT", str(DEFAULT_PORT))),
+        help="port to listen on [env GRADIO_SERVER_PORT or PORT; default: %(default)s]",
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        default=_env_flag("GRADIO_SHARE"),
+        help="also serve through a public gradio.live link; use it with --auth [env GRADIO_SHARE=1]",
+    )
+    parser.add_argument(
+        "--auth",
+        default=_env("GRADIO_AUTH"),
+        metavar="USER:PASS",
+        help="require this user name and password for the page and the API [env GRADIO_AUTH]",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=_env("QUEUE_SIZE", "32"),
+        metavar="N",
+        help="requests allowed to wait; more get a 'queue is full' message "
+        "[env QUEUE_SIZE; default: %(default)s]",
+    )
+    args = parser.parse_args(argv)
+    # argparse checks `choices` on the command line only, not on defaults from the environment.
+    for flag, choices in (("quantize", ("auto", "nf4", "none")), ("device", ("auto", "cpu", "cuda"))):
+        if getattr(args, flag) not in choices:
+            parser.error(f"--{flag} must be one of {', '.join(choices)}")
+    if args.adapter is None:
+        args.adapter = [a.strip() for a in (_env("ADAPTER_ID", "") or "").split(",") if a.strip()]
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        parser.error("--max-seq-len must be a positive number of tokens")
+    if args.queue_size < 1:
+        parser.error("--queue-size must be at least 1")
+    if args.auth is not None:
+        user, _, password = args.auth.partition(":")
+        if not user or not password:
+            parser.error("--auth takes USER:PASS")
+        args.auth = (user, password)
+    return args
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+class CancelRegistry:
+    """The CancelTokens of each browser session's generations, per channel ("chat",
+    "instruct", "api"), so Stop, a closed tab and the API's `stop` can reach them.
+    Thread-safe: Gradio runs handlers in worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[tuple[str, str], deque[CancelToken]] = {}
+        self._running: dict[tuple[str, str], set[CancelToken]] = {}
+
+    def arm(self, session: str, channel: str) -> None:
+        """Make the token of a request that is about to enter the queue."""
+        with self._lock:
+            self._armed.setdefault((session, channel), deque()).append(CancelToken())
+
+    @contextmanager
+    def claim(self, session: str, channel: str) -> Iterator[CancelToken]:
+        """The token armed for this request (or a new one) while it runs; cancelled on exit,
+        which ends the engine's generation if the handler was closed early."""
+        key = (session, channel)
+        with self._lock:
+            armed = self._armed.get(key)
+            token = armed.popleft() if armed else CancelToken()
+            if armed is not None and not armed:
+                del self._armed[key]
+            self._running.setdefault(key, set()).add(token)
+        try:
+            yield token
+        finally:
+            token.cancel()
+            with self._lock:
+                running = self._running.get(key, set())
+                running.discard(token)
+                if not running:
+                    self._running.pop(key, None)
+
+    def cancel(self, session: str, channel: str | None = None) -> int:
+        """Cancel the session's armed and running generations (of one channel, or all)."""
+        with self._lock:
+            keys = [k for k in {*self._armed, *self._running} if k[0] == session and channel in (None, k[1])]
+            tokens = [t for k in keys for t in (*self._armed.pop(k, ()), *self._running.get(k, ()))]
+        for token in tokens:
+            token.cancel()
+        return len(tokens)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _whole(value: Any) -> Any:
+    """Sliders and JSON may send a whole number as a float (64.0); the engine wants an int.
+    Anything else passes through for the engine's own check to name it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def make_settings(
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    top_k: float,
+    repetition_penalty: float,
+    seed: float | None,
+) -> GenerationSettings:
+    """Settings from UI or API values; EngineError with one sentence if one is out of range.
+    An empty or negative seed means a random one."""
+    seed = _whole(seed)
+    if seed == "" or (isinstance(seed, int) and seed < 0):
+        seed = None
+    return GenerationSettings(
+        max_new_tokens=_whole(max_new_tokens),
+        temperature=temperature,
+        top_p=top_p,
+        top_k=_whole(top_k),
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    ).validated()
+
+
+def content_text(content: Any) -> str:
+    """The text of a chat message's content: a string, or Gradio 6's list of blocks
+    ({"type": "text", "text": ...}; files and other media are skipped, the model reads text)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or "" if content.get("type", "text") == "text" else ""
+    if isinstance(content, list | tuple):
+        return "\n".join(t for t in (content_text(c) for c in content) if t)
+    raise EngineError("A message's content must be text or a list of text blocks.")
+
+
+def history_messages(history: Any) -> tuple[list[dict], str | None]:
+    """API history (OpenAI / Gradio messages) -> the engine's messages and a system prompt."""
+    if not history:
+        return [], None
+    if not isinstance(history, list) or not all(isinstance(m, dict) for m in history):
+        raise EngineError('History must be a list of {"role": ..., "content": ...} messages.')
+    messages, system = [], None
+    for m in history:
+        role, text = m.get("role"), content_text(m.get("content"))
+        if role == "system":
+            system = text
+        elif role in ("user", "assistant"):
+            messages.append({"role": role, "content": text})
+        else:
+            raise EngineError(f"A history message has role {role!r}; use user or assistant.")
+    return messages, system
+
+
+def format_stats(stats: GenerationStats) -> str:
+    """The line under a reply: the engine's summary, and a note when the reply was cut short."""
+    summary = stats.summary()
+    return f"{summary} · max new tokens reached" if stats.stop_reason == "length" else summary
+
+
+def stats_dict(stats: GenerationStats) -> dict:
+    return {**stats.as_dict(), "summary": format_stats(stats)}
+
+
+def throttled(events: Iterator[GenerationEvent], interval_s: float) -> Iterator[tuple[str, GenerationStats]]:
+    """(text so far, latest stats) at most once per interval_s, and always for the last event."""
+    text, last = "", float("-inf")
+    for event in events:
+        text += event.text
+        now = time.monotonic()
+        if event.done or now - last >= interval_s:
+            last = now
+            yield text, event.stats
+
+
+def stats_html(stats: GenerationStats | None) -> str:
+    """The stats line as the page shows it (None: the prompt is being read); `live` marks a
+    reply still streaming."""
+    if stats is None:
+        return '<span class="tok-stats live">reading the prompt</span>'
+    live = " live" if stats.stop_reason is None else ""
+    return f'<span class="tok-stats{live}">{html.escape(format_stats(stats))}</span>'
+
+
+def chatbot_view(conversation: list[dict]) -> list[dict]:
+    """The Chatbot's messages for a conversation: each reply followed by its stats line, as a
+    message of its own that the Chatbot groups with the reply."""
+    messages = []
+    for turn in conversation:
+        if turn["content"] or turn["role"] == "user":
+            messages.append({"role": turn["role"], "content": turn["content"]})
+        if turn.get("stats"):
+            messages.append({"role": "assistant", "content": turn["stats"]})
+    return messages
+
+
+def model_markdown(info: dict) -> str:
+    rows = [
+        ("Model", info.get("model")),
+        ("Quantization", info.get("quantization")),
+        ("Weights dtype", info.get("dtype")),
+        ("Kernels", info.get("kernels")),
+        ("Decode", "CUDA graph" if info.get("cuda_graphs") else "eager"),
+        ("Device", info.get("device")),
+        ("Memory", info.get("memory")),
+        ("Context", f"{info['max_seq_len']} tokens" if info.get("max_seq_len") else None),
+        ("Adapters loaded", ", ".join(info.get("adapters") or []) or "none"),
+    ]
+    return "\n".join(f"- **{k}:** {html.escape(str(v or 'unknown'))}" for k, v in rows)
+
+
+def ui_updates(stream: Iterator[tuple], outputs: int) -> Iterator[tuple]:
+    """A UI handler's updates from `stream`. A user error (EngineError, whenever it comes)
+    becomes a warning; a handler that would yield nothing (refused, or stopped while queued)
+    yields "no change" instead, because Gradio would otherwise blank its outputs, and the
+    conversation must survive a refused message."""
+    updated = False
+    try:
+        with closing(stream):
+            for update in stream:
+                updated = True
+                yield update
+    except EngineError as e:
+        gr.Warning(str(e))
+    if not updated:
+        yield (gr.skip(),) * outputs
+
+
+def _adapter_name(choice: str | None) -> str | None:
+    return None if choice in (None, "", NO_ADAPTER) else choice
+
+
+def _last_user_turn(conversation: list[dict]) -> int | None:
+    return max((i for i, t in enumerate(conversation) if t["role"] == "user"), default=None)
+
+
+def _session(request: gr.Request | None) -> str:
+    # Only a direct Python call has no request; it gets one shared key.
+    return getattr(request, "session_hash", None) or "local"
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class ChatService:
+    """The handlers of the UI and the API, over one engine."""
+
+    def __init__(self, engine: Engine, updates_per_second: float = UPDATES_PER_SECOND) -> None:
+        self.engine = engine
+        self.tokens = CancelRegistry()
+        self.interval_s = 1.0 / updates_per_second
+        # Engine.load(max_batch=...) sets how many generations the engine decodes together.
+        slots = int(getattr(engine, "max_batch", 1))
+        self.queue_options = dict(concurrency_id=GENERATION_GROUP, concurrency_limit=slots)
+
+    # -- shared core ----------------------------------------------------------------------------
+
+    def _generate(
+        self, request: gr.Request | None, channel: str, start: Callable[..., Iterator[GenerationEvent]]
+    ) -> Iterator[tuple[str, GenerationStats | None]]:
+        """Claim the request's CancelToken, call `start(cancel=token)` (an engine method, which
+        raises EngineError before the first item) and stream (text so far, stats), throttled.
+        The first item, ("", None), says the engine took the request: the page can show it
+        before the prompt is processed. However this generator ends, the generation ends too."""
+        with self.tokens.claim(_session(request), channel) as token:
+            if token.cancelled:  # Stop was pressed while the request waited in the queue
+                return
+            events = start(cancel=token)
+            stream = throttled(events, self.interval_s)
+            stats = None
+            try:
+                yield "", None
+                for text, stats in stream:
+                    yield text, stats
+            finally:
+                stream.close()
+                events.close()  # releases the engine's lock now, not whenever it is collected
+                reason = stats.stop_reason if stats is not None else None
+                log.info(
+                    "%s: %s, stop=%s",
+                    channel,
+                    stats.summary() if stats is not None else "no token",
+                    reason or "closed by the client",
+                )
+
+    def _chat(self, message, history, system_prompt, adapter, settings):
+        messages = [*history, {"role": "user", "content": message or ""}]
+        return partial(
+            self.engine.chat,
+            messages,
+            settings,
+            system_prompt=(system_prompt or "").strip() or None,
+            adapter=_adapter_name(adapter),
+        )
+
+    def _instruct(self, instruction, input_text, adapter, settings):
+        return partial(
+            self.engine.instruct,
+            instruction or "",
+            input_text or "",
+            settings,
+            adapter=_adapter_name(adapter),
+        )
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def api_chat(
+        self,
+        message: str,
+        history: list[dict] | None = None,
+        system_prompt: str = "",
+        adapter: str = "",
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        temperature: float = DEFAULTS.temperature,
+        top_p: float = DEFAULTS.top_p,
+        top_k: int = DEFAULTS.top_k,
+        repetition_penalty: float = DEFAULTS.repetition_penalty,
+        seed: int | None = None,
+        request: gr.Request = None,
+    ) -> Iterator[tuple[str, dict]]:
+        """Stream a chat reply to `message` after `history` (a list of {"role", "content"}
+        messages, content as text or Gradio's text blocks). Yields [reply so far, stats]; stats
+        has prompt_tokens, new_tokens, time_to_first_token_s, decode_tokens_per_s, total_s,
+        stop_reason (None until the last item), prompt_trimmed_turns and a one-line summary.
+        seed: empty or -1 for a random one; adapter: empty for none."""
+        try:
+            past, history_system = history_messages(history)
+            settings = make_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            start = self._chat(message, past, system_prompt or history_system, adapter, settings)
+            with closing(self._generate(request, "api", start)) as stream:
+                for text, stats in stream:
+                    if stats is not None:
+                        yield text, stats_dict(stats)
+        except EngineError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def api_instruct(
+        self,
+        instruction: str,
+        input: str = "",
+        adapter: str = "",
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        temperature: float = DEFAULTS.temperature,
+        top_p: float = DEFAULTS.top_p,
+        top_k: int = DEFAULTS.top_k,
+        repetition_penalty: float = DEFAULTS.repetition_penalty,
+        seed: int | None = None,
+        request: gr.Request = None,
+    ) -> Iterator[tuple[str, dict]]:
+        """Stream the response to an instruction (with optional input) in the Alpaca template.
+        Yields [response so far, stats] as `chat` does."""
+        try:
+            settings = make_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            start = self._instruct(instruction, input, adapter, settings)
+            with closing(self._generate(request, "api", start)) as stream:
+                for text, stats in stream:
+                    if stats is not None:
+                        yield text, stats_dict(stats)
+        except EngineError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def api_stop(self, request: gr.Request = None) -> int:
+        """Stop the generations of this client's session (queued or running); returns how many."""
+        return self.tokens.cancel(_session(request))
+
+    def api_model_info(self) -> dict:
+        """The loaded model: source, quantization, dtype, device, kernels, adapters,
+        max_seq_len and memory in use."""
+        return self.engine.info()
+
+    # -- UI: chat -------------------------------------------------------------------------------
+
+    def arm_chat(self, request: gr.Request) -> None:
+        self.tokens.arm(_session(request), "chat")
+
+    def stop_chat(self, request: gr.Request) -> None:
+        self.tokens.cancel(_session(request), "chat")
+
+    def stop_session(self, request: gr.Request) -> None:
+        """A closed or reloaded tab: nobody is left to read its generations."""
+        self.tokens.cancel(_session(request))
+
+    def _chat_turn(self, message, conversation, system_prompt, adapter, settings_values, request, textbox):
+        """Stream (chatbot, conversation[, textbox]) for a reply to `message` after `conversation`;
+        the textbox (when it is an output) empties once the engine takes the message."""
+        settings = make_settings(*settings_values)
+        history = [{"role": t["role"], "content": t["content"]} for t in conversation]
+        start = self._chat(message, history, system_prompt, adapter, settings)
+        reply = {"role": "assistant", "content": "", "stats": ""}
+        turns = [*conversation, {"role": "user", "content": message}, reply]
+        with closing(self._generate(request, "chat", start)) as stream:
+            for text, stats in stream:
+                reply["content"], reply["stats"] = text, stats_html(stats)
+                yield (chatbot_view(turns), turns, "") if textbox else (chatbot_view(turns), turns)
+
+    def respond(
+        self,
+        message: str,
+        conversation: list[dict],
+        system_prompt: str,
+        adapter: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        repetition_penalty: float,
+        seed: float | None,
+        request: gr.Request,
+    ):
+        """Send: yields (chatbot, conversation, textbox)."""
+        settings_values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        args = (message, conversation, system_prompt, adapter, settings_values, request)
+        yield from ui_updates(self._chat_turn(*args, textbox=True), outputs=3)
+
+    def regenerate(
+        self,
+        conversation: list[dict],
+        system_prompt: str,
+        adapter: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        repetition_penalty: float,
+        seed: float | None,
+        request: gr.Request,
+    ):
+        """A new reply to the last user message, in place of the old one: (chatbot, conversation)."""
+        last = _last_user_turn(conversation)
+        if last is None:
+            gr.Warning("There is no message to answer again yet.")
+            yield gr.skip(), gr.skip()
+            return
+        settings_values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        args = (conversation[last]["content"], conversation[:last], system_prompt, adapter, settings_values)
+        yield from ui_updates(self._chat_turn(*args, request, textbox=False), outputs=2)
+
+    def undo(self, conversation: list[dict], request: gr.Request):
+        """Drop the last exchange and put its message back in the textbox."""
+        self.tokens.cancel(_session(request), "chat")
+        last = _last_user_turn(conversation)
+        if last is None:
+            return [], [], gr.skip()
+        kept = conversation[:last]
+        return chatbot_view(kept), kept, conversation[last]["content"]
+
+    def clear(self, request: gr.Request):
+        self.tokens.cancel(_session(request), "chat")
+        return [], [], ""
+
+    # -- UI: instruct ---------------------------------------------------------------------------
+
+    def arm_instruct(self, request: gr.Request) -> None:
+        self.tokens.arm(_session(request), "instruct")
+
+    def stop_instruct(self, request: gr.Request) -> None:
+        self.tokens.cancel(_session(request), "instruct")
+
+    def _instruct_turn(self, instruction, input_text, adapter, settings_values, request):
+        settings = make_settings(*settings_values)
+        start = self._instruct(instruction, input_text, adapter, settings)
+        with closing(self._generate(request, "instruct", start)) as stream:
+            for text, stats in stream:
+                yield text, stats_html(stats)
+
+    def respond_instruct(
+        self,
+        instruction: str,
+        input_text: str,
+        adapter: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        repetition_penalty: float,
+        seed: float | None,
+        request: gr.Request,
+    ):
+        """Generate: yields (response, stats line)."""
+        settings_values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        args = (instruction, input_text, adapter, settings_values, request)
+        yield from ui_updates(self._instruct_turn(*args), outputs=2)
+
+    # -- UI: model panel ------------------------------------------------------------------------
+
+    def adapter_choices(self) -> list[str]:
+        return [NO_ADAPTER, *self.engine.adapters()]
+
+    def model_panel(self) -> str:
+        return model_markdown(self.engine.info())
+
+    def load_adapter(self, source: str):
+        """Load an adapter by path or hub id and select it: (dropdown, panel, textbox)."""
+        source = (source or "").strip()
+        if not source:
+            gr.Warning("Type the adapter's local path or hub id first.")
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            name = self.engine.load_adapter(source)
+        except EngineError as e:
+            gr.Warning(str(e))
+            return gr.skip(), gr.skip(), gr.skip()
+        gr.Info(f"Adapter {name} is loaded and selected.")
+        return gr.Dropdown(choices=self.adapter_choices(), value=name), self.model_panel(), ""
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def load_examples() -> dict:
+    return json.loads((ASSETS / "examples.json").read_text(encoding="utf-8"))
+
+
+# UI-only steps skip the queue. The UI's events stay out of the API: clients use `chat`,
+# `instruct`, `stop` and `model_info`.
+INSTANT = dict(queue=False, api_visibility="private")
+
+
+def generation_settings(context: int) -> list[gr.components.Component]:
+    """The settings both tabs read, made unrendered so the tabs can wire them before the side
+    column draws them. Order: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed."""
+    return [
+        gr.Slider(
+            1,
+            context,
+            value=min(DEFAULTS.max_new_tokens, context),
+            step=1,
+            label="Max new tokens",
+            elem_id="max-new-tokens",
+            render=False,
+        ),
+        gr.Slider(
+            0.0,
+            2.0,
+            value=DEFAULTS.temperature,
+            step=0.05,
+            label="Temperature",
+            info="0 = greedy",
+            elem_id="temperature",
+            render=False,
+        ),
+        gr.Slider(0.01, 1.0, value=DEFAULTS.top_p, step=0.01, label="Top-p", render=False),
+        gr.Slider(0, 200, value=DEFAULTS.top_k, step=1, label="Top-k", info="0 = off", render=False),
+        gr.Slider(
+            1.0, 2.0, value=DEFAULTS.repetition_penalty, step=0.01, label="Repetition penalty", render=False
+        ),
+        gr.Number(value=-1, precision=0, label="Seed", info="-1 = random", elem_id="seed", render=False),
+    ]
+
+
+def chat_tab(service: ChatService, settings: list, adapter: gr.Dropdown, examples: list[str]) -> None:
+    conversation = gr.State([])
+    chatbot = gr.Chatbot(
+        label="Conversation",
+        height=540,
+        buttons=["copy"],
+        feedback_options=None,
+        placeholder="Ask anything. Replies stream here, with their speed under each one.",
+        elem_id="chatbot",
+    )
+    with gr.Row():
+        message = gr.Textbox(
+            show_label=False,
+            placeholder="Type a message and press Enter",
+            lines=1,
+            max_lines=8,
+            scale=5,
+            elem_id="message",
+        )
+        send = gr.Button("Send", variant="primary", scale=1, min_width=80)
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+    with gr.Row():
+        regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+        undo = gr.Button("Undo", size="sm", elem_id="undo")
+        clear = gr.Button("Clear", size="sm", elem_id="clear")
+    with gr.Accordion("System prompt", open=False):
+        system_prompt = gr.Textbox(
+            show_label=False, placeholder="Optional, for example: You are a concise assistant.", lines=2
+        )
+    gr.Examples(examples, inputs=[message], label="Examples")
+
+    outputs = [chatbot, conversation, message]
+    events = [
+        trigger(service.arm_chat, None, None, **INSTANT).then(
+            service.respond,
+            [message, conversation, system_prompt, adapter, *settings],
+            outputs,
+            **service.queue_options,
+            api_visibility="private",
+        )
+        for trigger in (send.click, message.submit)
+    ]
+    events.append(
+        regenerate.click(service.arm_chat, None, None, **INSTANT).then(
+            service.regenerate,
+            [conversation, system_prompt, adapter, *settings],
+            [chatbot, conversation],
+            **service.queue_options,
+            api_visibility="private",
+        )
+    )
+    stop.click(service.stop_chat, None, None, **INSTANT)
+    # Undo and Clear rewrite the conversation: a reply still streaming must not write it back,
+    # so they cancel the event as well as the engine's generation.
+    undo.click(service.undo, [conversation], outputs, cancels=events, **INSTANT)
+    for trigger in (clear.click, chatbot.clear):
+        trigger(service.clear, None, outputs, cancels=events, **INSTANT)
+
+
+def instruct_tab(service: ChatService, settings: list, adapter: gr.Dropdown, examples: list) -> None:
+    instruction = gr.Textbox(label="Instruction", lines=2, elem_id="instruction")
+    input_text = gr.Textbox(label="Input", lines=2, placeholder="Optional", elem_id="instruct-input")
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        stop = gr.Button("Stop", variant="stop")
+    response = gr.Textbox(label="Response", lines=8, interactive=False, buttons=["copy"], elem_id="response")
+    stats = gr.Markdown(elem_id="instruct-stats")
+    gr.Examples(examples, inputs=[instruction, input_text], label="Examples")
+
+    generate.click(service.arm_instruct, None, None, **INSTANT).then(
+        service.respond_instruct,
+        [instruction, input_text, adapter, *settings],
+        [response, stats],
+        **service.queue_options,
+        api_visibility="private",
+    )
+    stop.click(service.stop_instruct, None, None, **INSTANT)
+
+
+def model_panel(service: ChatService, adapter: gr.Dropdown, info: dict) -> gr.Markdown:
+    adapter.render()
+    source = gr.Textbox(show_label=False, placeholder="Adapter path or hub id", elem_id="adapter-source")
+    with gr.Row():
+        load = gr.Button("Load adapter", size="sm")
+        refresh = gr.Button("Refresh", size="sm")
+    panel = gr.Markdown(model_markdown(info), elem_id="model-panel")
+
+    for trigger in (load.click, source.submit):
+        trigger(service.load_adapter, [source], [adapter, panel, source], api_visibility="private")
+    refresh.click(service.model_panel, None, panel, **INSTANT)
+    return panel
+
+
+def build_ui(service: ChatService) -> gr.Blocks:
+    info = service.engine.info()
+    examples = load_examples()
+    settings = generation_settings(int(info.get("max_seq_len") or DEFAULTS.max_new_tokens))
+    choices = service.adapter_choices()
+    adapter = gr.Dropdown(
+        choices,
+        value=choices[1] if len(choices) > 1 else NO_ADAPTER,  # an adapter named at start is used
+        label="Adapter",
+        info="LoRA applied to each request; none = the base model",
+        elem_id="adapter",
+        render=False,
+    )
+    logo = (ASSETS / "logo.svg").read_text(encoding="utf-8")
+    subtitle = " · ".join(html.escape(str(info.get(k))) for k in ("model", "quantization", "device"))
+
+    with gr.Blocks(title="Llama NF4 chat", analytics_enabled=False) as demo:
+        gr.HTML(f'<div id="title">{logo}<h1>Llama NF4 chat</h1><span>{subtitle}</span></div>')
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        chat_tab(service, settings, adapter, examples["chat"])
+                    with gr.Tab("Instruct", id="instruct"):
+                        instruct_tab(service, settings, adapter, examples["instruct"])
+            with gr.Column(scale=1, min_width=280):
+                with gr.Accordion("Generation settings", open=True):
+                    for component in settings:
+                        component.render()
+                with gr.Accordion("Model", open=True):
+                    panel = model_panel(service, adapter, info)
+        demo.load(service.model_panel, None, panel, **INSTANT)
+        demo.unload(service.stop_session)
+
+        gr.api(service.api_chat, api_name="chat", **service.queue_options)
+        gr.api(service.api_instruct, api_name="instruct", **service.queue_options)
+        gr.api(service.api_stop, api_name="stop", queue=False, concurrency_limit=None)
+        gr.api(service.api_model_info, api_name="model_info", queue=False, concurrency_limit=None)
+    return demo
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    if args.share and not args.auth:
+        print(SHARE_WITHOUT_AUTH, file=sys.stderr)
+    try:
+        engine = Engine.load(
+            args.model,
+            adapters=args.adapter,
+            quantize=args.quantize,
+            device=args.device,
+            max_seq_len=args.max_seq_len,
+            use_triton=not args.no_triton,
+        )
+    except EngineError as e:
+        sys.exit(f"Could not load the model: {e}")
+    demo = build_ui(ChatService(engine))
+    demo.queue(max_size=args.queue_size)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=args.auth,
+        theme=THEME,
+        css_paths=[ASSETS / "style.css"],
+        favicon_path=ASSETS / "logo.svg",
+        show_error=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

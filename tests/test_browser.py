@@ -1,0 +1,182 @@
+"""The app in a real browser: Playwright drives Debian's chromium against the app that
+tests/conftest.py starts. The chat test also saves assets/screenshot.png, the picture in README."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless in a container: no sandbox, no GPU, and nothing that reaches out to the network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "assets" / "screenshot.png"
+STATS_LINE = re.compile(r"\d+ tokens? · [\d.]+ tok/s · first token \d+ ms")
+PLANETS = ("Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune")
+GENERATION_TIMEOUT_MS = 120_000
+# One look at the chat, taken in the page so that the parts agree with each other.
+CHAT_SNAPSHOT = """() => {
+  const texts = (selector) => [...document.querySelectorAll(selector)].map((e) => e.innerText);
+  return {
+    replies: texts("#chatbot [data-testid=bot]:not(:has(.tok-stats))"),
+    live: texts("#chatbot .tok-stats.live"),
+    done: texts("#chatbot .tok-stats:not(.live)"),
+  };
+}"""
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), "the browser tests need Debian's chromium: apt-get install -y chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_server) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(app_server.url)
+    page.locator("#message textarea").wait_for()
+    set_number(page, "temperature", 0)  # greedy: the same replies on every run
+    yield page
+    context.close()
+
+
+def set_number(page: Page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    expect(box).to_have_value(str(value))
+
+
+def replies(page: Page):
+    return page.locator("#chatbot [data-testid=bot]:not(:has(.tok-stats))")
+
+
+def send(page: Page, message: str) -> None:
+    page.locator("#message textarea").fill(message)
+    page.locator("#message textarea").press("Enter")
+
+
+def wait_for_reply(page: Page, count: int) -> str:
+    """Wait until `count` replies are complete (their stats line no longer live); the last one's stats."""
+    finished = page.locator("#chatbot .tok-stats:not(.live)")
+    expect(finished).to_have_count(count, timeout=GENERATION_TIMEOUT_MS)
+    return finished.nth(count - 1).inner_text()
+
+
+def test_chat_streams_text_and_its_tokens_per_second(page):
+    set_number(page, "max-new-tokens", 48)
+    send(page, "Write a haiku about the sea.")
+
+    seen_texts, seen_live_stats = set(), set()
+    deadline = time.monotonic() + GENERATION_TIMEOUT_MS / 1000
+    while not (snapshot := page.evaluate(CHAT_SNAPSHOT))["done"]:
+        assert time.monotonic() < deadline, "the reply never finished"
+        seen_texts.update(snapshot["replies"])
+        seen_live_stats.update(snapshot["live"])
+        time.sleep(0.03)
+    stats = wait_for_reply(page, 1)
+    reply = replies(page).first.inner_text()
+
+    assert len(seen_texts) >= 3, f"the reply did not stream: {seen_texts}"
+    live_rates = {s for s in seen_live_stats if STATS_LINE.search(s)}
+    assert len(live_rates) >= 2, f"the tokens/s line did not update while streaming: {seen_live_stats}"
+    assert STATS_LINE.search(stats) and "sea" in reply.lower()
+    expect(page.locator("#message textarea")).to_have_value("")
+
+    # A second turn, so the screenshot shows a conversation with a stats line under each reply.
+    send(page, "Now write one about the mountains.")
+    assert STATS_LINE.search(wait_for_reply(page, 2))
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_stop_ends_the_reply_through_the_engine(page):
+    set_number(page, "max-new-tokens", 600)
+    send(page, "Write a long essay about the history of the Roman Empire, century by century.")
+    expect(page.locator("#chatbot .tok-stats.live")).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
+    page.locator("#stop").click()
+
+    stats = wait_for_reply(page, 1)
+    # "stopped" is the engine's stop reason (cancelled), not merely the page giving up.
+    assert "stopped" in stats
+    assert int(stats.split(" ")[0]) < 600
+
+
+def test_bad_input_warns_and_keeps_the_conversation(page):
+    set_number(page, "max-new-tokens", 8)
+    send(page, "Say hello.")
+    wait_for_reply(page, 1)
+    too_long = "hello " * 2048
+    send(page, too_long)
+
+    expect(page.locator(".toast-body").filter(has_text="context")).to_be_visible(timeout=30_000)
+    expect(page.locator("#chatbot [data-testid=user]")).to_have_count(1)
+    expect(page.locator("#chatbot [data-testid=user]").first).to_contain_text("Say hello.")
+    expect(replies(page)).to_have_count(1)
+    expect(page.locator("#message textarea")).to_have_value(too_long)
+
+
+def test_regenerate_undo_and_clear(page):
+    set_number(page, "max-new-tokens", 8)
+    send(page, "Write a long story about a dragon.")
+    assert wait_for_reply(page, 1).startswith("8 tokens")
+
+    # A new reply in place of the old one: the shorter limit shows which reply is on the page.
+    set_number(page, "max-new-tokens", 4)
+    page.locator("#regenerate").click()
+    expect(page.locator("#chatbot .tok-stats").first).to_contain_text(
+        "4 tokens", timeout=GENERATION_TIMEOUT_MS
+    )
+    assert wait_for_reply(page, 1).startswith("4 tokens")
+    expect(page.locator("#chatbot [data-testid=user]")).to_have_count(1)
+    expect(replies(page)).to_have_count(1)
+
+    page.locator("#undo").click()
+    expect(page.locator("#chatbot [data-testid=user]")).to_have_count(0)
+    expect(page.locator("#message textarea")).to_have_value("Write a long story about a dragon.")
+
+    page.locator("#message textarea").press("Enter")
+    wait_for_reply(page, 1)
+    page.locator("#clear").click()
+    expect(page.locator("#chatbot [data-testid=user]")).to_have_count(0)
+    expect(page.locator("#chatbot .tok-stats")).to_have_count(0)
+
+
+def test_instruct_tab_streams_the_planets(page):
+    set_number(page, "max-new-tokens", 96)
+    page.get_by_role("tab", name="Instruct").click()
+    page.get_by_text("Name the planets in the solar system?").first.click()
+    expect(page.locator("#instruction textarea")).to_have_value("Q:")
+    expect(page.locator("#instruct-input textarea")).to_have_value("Name the planets in the solar system?")
+    page.locator("#generate").click()
+
+    finished = page.locator("#instruct-stats .tok-stats:not(.live)")
+    seen = set()
+    deadline = time.monotonic() + GENERATION_TIMEOUT_MS / 1000
+    while finished.count() == 0:
+        assert time.monotonic() < deadline, "the response never finished"
+        seen.add(page.locator("#response textarea").input_value())
+        time.sleep(0.03)
+    response = page.locator("#response textarea").input_value()
+
+    assert len(seen - {""}) >= 3, "the response did not stream into its box"
+    assert STATS_LINE.search(finished.inner_text())
+    assert sum(p in response for p in PLANETS) >= 6, response

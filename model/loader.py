@@ -145,17 +145,47 @@ def local_or_hub(source: str) -> Path:
     return download(source)
 
 
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
 class SafetensorsReader:
-    """Tensors by name across the shards of a checkpoint, each read when asked for."""
+    """Tensors by name across the shards of a checkpoint, each read from disk when asked for.
+
+    The files are read, not memory-mapped: every page of a mapped file that has been touched
+    counts as this process's resident memory until the map goes, so loading through a map shows
+    the whole checkpoint on top of the model (measured, a 1282 MiB bf16 checkpoint served in NF4
+    as a 790 MiB model: peak RSS +2493 MiB mapped, +1192 MiB read). Read tensors cost their own
+    bytes, one at a time.
+    Format: 8-byte little-endian header length, a JSON header of {name: dtype, shape,
+    data_offsets}, then the data.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ModelSourceError(f"'{folder}' holds no .safetensors weights.")
-        self.handles = [safe_open(str(f), framework="pt") for f in files]
-        self.where = {name: h for h in self.handles for name in h.keys()}
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for file in files:
+            try:
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+            except (ValueError, MemoryError):
+                raise ModelSourceError(f"'{file.name}' is not a valid safetensors file.") from None
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self.where[name] = (file, 8 + size, info)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -163,7 +193,17 @@ class SafetensorsReader:
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ModelSourceError(f"The checkpoint lacks the tensor '{name}'.")
-        return self.where[name].get_tensor(name)
+        file, data_start, info = self.where[name]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelSourceError(f"The tensor '{name}' has the unsupported dtype {info['dtype']}.")
+        begin, end = info["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(file, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(raw.numpy()) != end - begin:
+                raise ModelSourceError(f"'{file.name}' is cut short: it ends inside the tensor '{name}'.")
+        return raw.view(dtype).reshape(info["shape"])
 
 
 def check_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:

@@ -93,6 +93,26 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return _TOKENIZER_DIR[0]
 
 
+def word_tokenizer(folder: Path, specials: list[str], bos: str, eos: str) -> Path:
+    """A word-level tokenizer whose ids are fixed: the special tokens first, in the order given,
+    then a few words. With a Llama-3 style chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(specials + ["[UNK]"] + CORPUS_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="[UNK]")
+    fast.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in (bos, eos)]})
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
+    )
+    fast.save_pretrained(folder)
+    return folder
+
+
 def tiny_config(**overrides):
     """A small Llama: GQA (4 query heads, 2 KV heads of 64), sizes multiples of 64 for NF4."""
     from transformers import LlamaConfig
@@ -115,9 +135,15 @@ def tiny_config(**overrides):
 
 
 def write_checkpoint(
-    folder: Path, tokenizer_dir: Path, config, dtype: torch.dtype = torch.float32, seed: int = 0
+    folder: Path,
+    tokenizer_dir: Path,
+    config,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    edit=None,
 ) -> Path:
-    """A seeded random LlamaForCausalLM saved with save_pretrained (safetensors) plus the tokenizer.
+    """A seeded random LlamaForCausalLM saved with save_pretrained (safetensors) plus the tokenizer;
+    `edit(model)` may change weights before saving.
 
     Weights are drawn with a larger std than HF's 0.02 so that logits spread out and greedy
     choices are not near-ties that rounding could flip.
@@ -127,6 +153,9 @@ def write_checkpoint(
     torch.manual_seed(seed)
     config.initializer_range = 0.08
     model = LlamaForCausalLM(config).to(dtype)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     model.save_pretrained(folder)
     for file in tokenizer_dir.iterdir():
         shutil.copy(file, folder / file.name)
@@ -221,6 +250,10 @@ def random_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
     """HF generate's new tokens, greedy (it stops at the model's EOS like ours)."""
+    return hf_greedy_with(model, ids, max_new_tokens)
+
+
+def hf_greedy_with(model, ids: list[int], max_new_tokens: int, **generate_kwargs) -> list[int]:
     tokens = torch.tensor([ids])
     with torch.inference_mode():
         out = model.generate(
@@ -229,6 +262,7 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=model.generation_config.eos_token_id,
+            **generate_kwargs,
         )
     return out[0, len(ids) :].tolist()
 

@@ -16,6 +16,7 @@ import torch
 from helpers import (
     assert_one_sentence,
     bnb_reference,
+    engine_over,
     fp_reference_linears,
     hf_logits,
     hf_model,
@@ -23,12 +24,14 @@ from helpers import (
     random_ids,
     tiny_config,
     tiny_tokenizer_dir,
+    word_tokenizer,
     write_checkpoint,
 )
 from safetensors import safe_open
 
 from model import loader
 from model.config import ModelArgs
+from model.engine import GenerationSettings
 from model.loader import ModelSourceError, load_model
 from model.quant import expand_absmax
 
@@ -276,3 +279,37 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(
         load_model(str(folder), quantize=quantize, device="cpu")
     assert "model.layers.0.mlp.gate_proj.weight" in str(err.value)
     assert_one_sentence(str(err.value))
+
+
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+]
+
+
+@pytest.mark.parametrize("emitted", ["<|eot_id|>", "<|end_of_text|>"])
+def test_llama3_stops_on_eot_and_end_of_text(tmp_path, emitted):
+    """Llama-3 Instruct ends a turn with <|eot_id|> and a text with <|end_of_text|>; config.json
+    lists only one of them. A model whose final norm is zero gives all-zero logits, so greedy
+    emits token 0: that token is put first in the vocabulary, and must end the generation."""
+    specials = [emitted] + [t for t in LLAMA3_SPECIALS if t != emitted]
+    tokenizer = word_tokenizer(tmp_path / "tokenizer", specials, bos="<|begin_of_text|>", eos="<|eot_id|>")
+    other = "<|end_of_text|>" if emitted == "<|eot_id|>" else "<|eot_id|>"
+    config = tiny_config(vocab_size=64, bos_token_id=specials.index("<|begin_of_text|>"))
+    config.eos_token_id = specials.index(other)  # config.json names only the other stop token
+    zero_norm = lambda m: m.model.norm.weight.zero_()  # noqa: E731
+    folder = write_checkpoint(tmp_path / "llama3", tokenizer, config, torch.float32, edit=zero_norm)
+    engine = engine_over(load_model(str(folder), quantize="none", device="cpu"), max_seq_len=64)
+    events = list(
+        engine.chat([{"role": "user", "content": "hello world"}], GenerationSettings(temperature=0))
+    )
+    stats = events[-1].stats
+    assert (stats.stop_reason, stats.new_tokens) == ("eos", 0)
+    # And with EOS ignored the model does emit that token, so the stop above was the stop token's.
+    settings = GenerationSettings(temperature=0, max_new_tokens=2, ignore_eos=True)
+    ids = engine.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert [t for e in engine.generate_ids(ids, settings) for t in e.token_ids] == [0, 0]
+    engine.close()

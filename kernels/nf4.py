@@ -1,0 +1,139 @@
+"""NF4 in Triton: dequantization of a whole weight, and the word decode the GEMV builds on.
+
+Formula (reference: kernels.reference.nf4_dequantize, itself bitsandbytes' dequantize_4bit):
+
+    byte j of packed holds flattened elements 2j (high nibble) and 2j + 1 (low nibble)
+    w[i] = NF4_CODE[nibble(i)] * absmax[i // 64]        in fp32, then one cast to dtype
+
+nf4_dequantize does the same single fp32 multiply the reference does, so its result is
+bit-exact in every dtype. Blocks of 64 run over the flattened weight, so they may cross rows
+when K % 64 != 0; indexing the flat weight handles that for free. It is the prefill path
+(dequantize once, then cuBLAS) and is write-bound: 0.5 byte read + 1/16 byte of absmax for
+every 2 bytes of bf16 written, so a program takes a long contiguous run of bytes and the two
+nibbles' values leave interleaved in one wide store. The code value is gathered from a
+64-byte table, a single L1 line; at 2.5 bytes of traffic an element the gather is far from
+being the limit (bench/NOTES.md: 71% of the copy bandwidth on an H200).
+
+decode_words is the GEMV's decode: 8 nibbles of an int32 word to 8 exact fp32 code values.
+On the GPU a lane of every 16-lane half-warp holds one code value and `shfl.sync.idx` with
+a 16-lane segment (c = 0x101f) reads lane (q & 15) of the segment: one shuffle and one shift a
+value, no masking or address arithmetic (the segment mask drops the bits of q above the
+nibble). A table gather instead costs a 64-bit address a value, ~4 integer instructions
+(GPU.md: 6-7% of the bandwidth). The interpreter cannot run PTX, so there the same fp32
+values are gathered from the table.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import NF4_BLOCKSIZE, NF4_CODE, nf4_code_table
+
+
+def _lane_table_ptx() -> str:
+    """PTX leaving NF4_CODE[laneid % 16] in $0, by a 4-level select tree on the lane bits."""
+    bits = lambda v: f"0f{struct.unpack('<I', struct.pack('<f', v))[0]:08X}"
+    lines = ["{", ".reg .u32 l, b;", ".reg .pred p<4>;", ".reg .b32 t<14>;", "mov.u32 l, %laneid;"]
+    for i in range(4):
+        lines += [f"and.b32 b, l, {1 << i};", f"setp.ne.u32 p{i}, b, 0;"]
+    for i in range(8):
+        lines.append(f"selp.b32 t{i}, {bits(NF4_CODE[2 * i + 1])}, {bits(NF4_CODE[2 * i])}, p0;")
+    lines += [f"selp.b32 t{8 + i}, t{2 * i + 1}, t{2 * i}, p1;" for i in range(4)]
+    lines += ["selp.b32 t12, t9, t8, p2;", "selp.b32 t13, t11, t10, p2;"]
+    return "\n".join([*lines, "selp.b32 $0, t13, t12, p3;", "}"])
+
+
+def _shfl_decode_ptx() -> str:
+    """PTX: nibble m of $9 (bits 4m..4m+3) -> the code value in $m, read from lane table $8."""
+    lines = ["{", ".reg .b32 q;", "shfl.sync.idx.b32 $0, $8, $9, 0x101f, 0xffffffff;"]
+    for m in range(1, 8):
+        lines += [f"shr.u32 q, $9, {4 * m};", f"shfl.sync.idx.b32 ${m}, $8, q, 0x101f, 0xffffffff;"]
+    return "\n".join([*lines, "}"])
+
+
+_BLOCK = tl.constexpr(NF4_BLOCKSIZE)
+_LANE_TABLE_PTX = tl.constexpr(_lane_table_ptx())
+_SHFL_DECODE_PTX = tl.constexpr(_shfl_decode_ptx())
+
+
+@triton.jit
+def decode_words(w, code_ptr, SHUFFLE: tl.constexpr):
+    """int32 words -> 8 fp32 tensors of w's shape: the code values of nibbles 0..7, low first.
+
+    SHUFFLE: warp-shuffle decode (GPU); else a gather from code_ptr (interpreter).
+    """
+    if SHUFFLE:
+        table = tl.inline_asm_elementwise(
+            _LANE_TABLE_PTX, "=r,r", [tl.zeros((1, 1), tl.int32)], tl.float32, True, 1
+        )
+        return tl.inline_asm_elementwise(
+            _SHFL_DECODE_PTX, "=r," * 8 + "r,r", [table, w], (tl.float32,) * 8, True, 1
+        )
+    else:
+        return (
+            tl.load(code_ptr + (w & 15)),
+            tl.load(code_ptr + ((w >> 4) & 15)),
+            tl.load(code_ptr + ((w >> 8) & 15)),
+            tl.load(code_ptr + ((w >> 12) & 15)),
+            tl.load(code_ptr + ((w >> 16) & 15)),
+            tl.load(code_ptr + ((w >> 20) & 15)),
+            tl.load(code_ptr + ((w >> 24) & 15)),
+            tl.load(code_ptr + ((w >> 28) & 15)),
+        )
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr,  # (numel + 1) // 2 uint8, two elements a byte, the first in the high nibble
+    absmax_ptr,  # (ceil(numel / 64),) fp32, one scale per 64-element block of the flat weight
+    code_ptr,  # (16,) fp32 NF4 code table
+    out_ptr,  # (numel,) output, flat row-major (N, K)
+    numel,  # N * K
+    BLOCK_BYTES: tl.constexpr,  # packed bytes per program (2 * BLOCK_BYTES elements)
+):
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    first = 2 * byte  # flat index of the high-nibble element
+    q = tl.load(packed_ptr + byte, mask=first < numel, other=0).to(tl.int32)
+    # A 64-block holds 32 whole bytes, so both nibbles of a byte share one absmax.
+    scale = tl.load(absmax_ptr + first // _BLOCK, mask=first < numel, other=0.0)
+    hi = tl.load(code_ptr + (q >> 4)) * scale
+    lo = tl.load(code_ptr + (q & 15)) * scale
+    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK_BYTES,)).to(out_ptr.dtype.element_ty)
+    offs = pid * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+    tl.store(out_ptr + offs, vals, mask=offs < numel)
+
+
+def nf4_dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Unpack a bitsandbytes NF4 weight of `shape` (N, K) into a dense `dtype` matrix.
+
+    packed: uint8, (N*K + 1) // 2 bytes (any shape); absmax: fp32, one per 64 flattened elements,
+    double quantization already expanded. Same values as kernels.reference.nf4_dequantize, bit
+    for bit.
+    """
+    n, k = shape
+    numel = n * k
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8 or flat.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed must hold {(numel + 1) // 2} uint8 bytes for shape {shape}")
+    if absmax.numel() != -(-numel // NF4_BLOCKSIZE):
+        raise ValueError(f"absmax must hold {-(-numel // NF4_BLOCKSIZE)} values for shape {shape}")
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if numel == 0:
+        return out
+    block = 2048  # bytes a program: 8 KiB of bf16 written, 2 KiB read
+    _nf4_dequantize_kernel[(triton.cdiv(flat.numel(), block),)](
+        flat.contiguous(),
+        absmax.reshape(-1).float().contiguous(),
+        nf4_code_table(packed.device),
+        out,
+        numel,
+        BLOCK_BYTES=block,
+    )
+    return out

@@ -1,0 +1,397 @@
+"""NF4 linear layers for decode: a fused GEMV over bitsandbytes' packed layout, LoRA fused.
+
+    y = x W^T + lora_scale * (x A^T) B^T                           (nf4_linear)
+    y = silu(g) * u,   [g, u] = the above with W = [W_gate; W_up]   (nf4_linear_swiglu)
+
+References: kernels.reference.nf4_linear / nf4_linear_swiglu (peft LoRA over bitsandbytes'
+Linear4bit). For x with at most GEMV_MAX_ROWS rows the GEMV below reads each packed byte and
+absmax once and never writes the dequantized weight; with more rows, or a shape it does not
+handle (K % 64 != 0, where blocks cross rows), it dequantizes and calls cuBLAS.
+
+The GEMV views W as int32 words (8 nibbles, element 8w + 2i in the high nibble of byte i) and
+works a tile of BN output features (BN gate + BN up rows for SwiGLU) at a time:
+
+    acc[m, n] = sum_b absmax[n, b] * sum_{k in block b} NF4_CODE[q[n, k]] * x[m, k]     (fp32)
+
+Each word is decoded by kernels.nf4.decode_words (one warp shuffle a weight, exact fp32), an
+FMA chain a word times its block's absmax goes to a per-word accumulator, reduced once per
+tile. The K loop is software-pipelined (cp.async, tl.range num_stages), which also lands the
+x pairs in shared memory in the layout the FMAs need (without it Triton converted x's layout
+every step, 18-22 barriers a step). With PERSISTENT a program walks a range of tiles in one
+flattened loop, so the pipeline does not drain between tiles. LoRA: t = x A^T (r values) is one
+small kernel first, then each tile adds lora_scale * B[n, :] . t in its epilogue; SwiGLU
+combines the gate and up rows there too. All sums are fp32; y is rounded once to x's dtype.
+
+Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
+shapes against bitsandbytes' 23-24%; the table decode is not what limits it (a variant with no
+lookup at all ran as fast), the shared-memory/LSU pipe is (~80% busy).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.nf4 import decode_words, nf4_dequantize
+from kernels.reference import NF4_BLOCKSIZE, nf4_code_table
+from kernels.reference import swiglu as _swiglu_reference
+
+GEMV_MAX_ROWS = 8
+
+
+@triton.jit
+def _load_x_pair(x_ptr, xrow, wcol, i: tl.constexpr, mask, X_KIND: tl.constexpr):
+    """fp32 (x[8w + 2i], x[8w + 2i + 1]) for rows xrow (MP, 1) and words wcol (1, C)."""
+    if X_KIND == 0:  # fp32 x, read directly
+        lo = tl.load(x_ptr + xrow + wcol * 8 + 2 * i, mask=mask, other=0.0)
+        hi = tl.load(x_ptr + xrow + wcol * 8 + 2 * i + 1, mask=mask, other=0.0)
+    else:  # 16-bit x read as int32 pairs: one 4-byte load (and one cp.async) for two values
+        p = tl.load(x_ptr + xrow + wcol * 4 + i, mask=mask, other=0)
+        if X_KIND == 1:
+            lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:  # bf16 is the top half of an fp32
+            lo = (p << 16).to(tl.float32, bitcast=True)
+            hi = (p & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _tile_rows(t, N_OUT, BN: tl.constexpr, SWIGLU: tl.constexpr):
+    """Output features n of tile t, and the weight rows read for them (gate n, up n + N_OUT)."""
+    n = t * BN + tl.arange(0, BN)
+    if SWIGLU:
+        rows = tl.reshape(tl.join(n, n + N_OUT), (2 * BN,))
+        rmask = tl.reshape(tl.join(n < N_OUT, n < N_OUT), (2 * BN,))
+    else:
+        rows = n
+        rmask = n < N_OUT
+    return n, rows.to(tl.int64), rmask
+
+
+@triton.jit
+def _gemv_step(
+    acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rows, rmask, xrow, mmask, w0, kw, kb,
+    BKW: tl.constexpr, X_KIND: tl.constexpr, DECODE_SHFL: tl.constexpr,
+):  # fmt: skip
+    """acc (MP, RB, BKW) += per word: absmax * sum of its 8 code * x products, words w0.."""
+    NBLK: tl.constexpr = BKW // 8
+    wcol = w0 + tl.arange(0, BKW)
+    kmask = wcol < kw
+    w = tl.load(w_ptr + rows[:, None] * kw + wcol[None, :], mask=rmask[:, None] & kmask[None, :], other=0)
+    bcol = w0 // 8 + tl.arange(0, NBLK)
+    bmask = rmask[:, None] & (bcol < kb)[None, :]
+    scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :], mask=bmask, other=0.0)
+    c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, DECODE_SHFL)
+    xmask = mmask & kmask[None, :]
+    # Nibble 2i is element 8w + 2i + 1 (low nibble of byte i), nibble 2i + 1 is 8w + 2i. One
+    # FMA chain a word; its sum times the word's block scale goes to a per-word accumulator,
+    # so nothing is reduced across threads inside the loop.
+    lo, hi = _load_x_pair(x_ptr, xrow, wcol[None, :], 0, xmask, X_KIND)
+    s = c1[None, :, :] * lo[:, None, :]
+    s += c0[None, :, :] * hi[:, None, :]
+    lo, hi = _load_x_pair(x_ptr, xrow, wcol[None, :], 1, xmask, X_KIND)
+    s += c3[None, :, :] * lo[:, None, :]
+    s += c2[None, :, :] * hi[:, None, :]
+    lo, hi = _load_x_pair(x_ptr, xrow, wcol[None, :], 2, xmask, X_KIND)
+    s += c5[None, :, :] * lo[:, None, :]
+    s += c4[None, :, :] * hi[:, None, :]
+    lo, hi = _load_x_pair(x_ptr, xrow, wcol[None, :], 3, xmask, X_KIND)
+    s += c7[None, :, :] * lo[:, None, :]
+    s += c6[None, :, :] * hi[:, None, :]
+    word_scale = tl.reshape(tl.broadcast_to(scale[:, :, None], scale.shape + (8,)), w.shape)
+    return acc + s * word_scale[None, :, :]
+
+
+@triton.jit
+def _gemv_epilogue(
+    acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT, lora_scale,
+    MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr,
+):  # fmt: skip
+    """y[:, n] = sum over words of acc, + lora_scale * t B^T, SwiGLU-combined, in y's dtype."""
+    y = tl.sum(acc, axis=2)  # (MP, RB)
+    if R > 0:
+        j = tl.arange(0, RP)
+        t = tl.load(t_ptr + xm[:, None] * R + j[None, :], mask=mmask & (j < R)[None, :], other=0.0)
+        bmask = rmask[:, None] & (j < R)[None, :]
+        b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=bmask, other=0.0)
+        y += lora_scale * tl.sum(t.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+    if SWIGLU:
+        g, u = tl.split(tl.reshape(y, (MP, BN, 2)))
+        y = g * tl.sigmoid(g) * u
+    ymask = mmask & (n < N_OUT)[None, :]
+    tl.store(y_ptr + yrow + n[None, :], y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr,  # (M, K) activations: fp32, or fp16/bf16 viewed as int32 pairs (M, K // 2)
+    w_ptr,  # (N, K // 8) int32: the packed NF4 weight, 8 nibbles a word
+    absmax_ptr,  # (N, K // 64) fp32 block scales
+    code_ptr,  # (16,) fp32 code table (interpreter decode only)
+    t_ptr,  # (M, R) LoRA down-projection x A^T; unused when R == 0
+    b_ptr,  # (N, R) LoRA up weight B; unused when R == 0
+    y_ptr,  # (M, N_OUT) output, x's dtype
+    M,  # rows of x
+    N_OUT,  # output features (I for SwiGLU, whose weight has 2I rows)
+    kw,  # K // 8: words in a weight row
+    kb,  # K // 64: absmax blocks in a weight row
+    stride_xm,  # elements of x_ptr's type between rows of x
+    stride_ym,  # elements between rows of y
+    lora_scale,  # s in y += s * B (A x)
+    MP: tl.constexpr,  # M rounded up to a power of two
+    R: tl.constexpr,  # LoRA rank, 0 for none
+    RP: tl.constexpr,  # R rounded up to a power of two
+    BN: tl.constexpr,  # output features a tile
+    BKW: tl.constexpr,  # words (8 elements each) of a row a loop step
+    X_KIND: tl.constexpr,  # 0 fp32, 1 fp16, 2 bf16
+    SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
+    DECODE_SHFL: tl.constexpr,  # shuffle decode (GPU) or table gather (interpreter)
+    NUM_STAGES: tl.constexpr,  # software pipeline depth of the loop
+    PERSISTENT: tl.constexpr,  # a program walks a range of tiles in one pipelined loop
+):
+    RB: tl.constexpr = BN * (1 + SWIGLU)
+    pid = tl.program_id(0)
+    xm = tl.arange(0, MP)
+    xrow = (xm * stride_xm)[:, None]
+    yrow = (xm * stride_ym)[:, None]
+    mmask = (xm < M)[:, None]
+    acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
+    if PERSISTENT:
+        # Tiles t0..t1 and all their K steps as one loop: the pipeline keeps loading across
+        # tile boundaries instead of draining and refilling at every tile.
+        tiles = tl.cdiv(N_OUT, BN)
+        t0 = pid * tiles // tl.num_programs(0)
+        t1 = (pid + 1) * tiles // tl.num_programs(0)
+        steps = tl.cdiv(kw, BKW)
+        for it in tl.range(0, (t1 - t0) * steps, num_stages=NUM_STAGES):
+            t = t0 + it // steps
+            ks = it % steps
+            n, rows, rmask = _tile_rows(t, N_OUT, BN, SWIGLU)
+            acc = _gemv_step(
+                acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rows, rmask, xrow, mmask,
+                ks * BKW, kw, kb, BKW, X_KIND, DECODE_SHFL,
+            )  # fmt: skip
+            if ks == steps - 1:
+                _gemv_epilogue(
+                    acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT,
+                    lora_scale, MP, R, RP, BN, SWIGLU,
+                )  # fmt: skip
+                acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
+    else:
+        n, rows, rmask = _tile_rows(pid, N_OUT, BN, SWIGLU)
+        for w0 in tl.range(0, kw, BKW, num_stages=NUM_STAGES):
+            acc = _gemv_step(
+                acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rows, rmask, xrow, mmask,
+                w0, kw, kb, BKW, X_KIND, DECODE_SHFL,
+            )  # fmt: skip
+        _gemv_epilogue(
+            acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT, lora_scale,
+            MP, R, RP, BN, SWIGLU,
+        )  # fmt: skip
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr,  # (M, K) activations
+    a_ptr,  # (R, K) LoRA down weight A, rows contiguous
+    t_ptr,  # (M, R) out: x A^T, rounded to t's dtype once
+    M,  # rows of x
+    K,  # in features
+    R,  # LoRA rank
+    stride_xm,  # elements between rows of x
+    MP: tl.constexpr,  # M rounded up to a power of two
+    BLOCK_K: tl.constexpr,  # K elements a loop step
+):
+    """t[:, j] = x A[j]^T for one rank index j a program, fp32 sums (as cuBLAS does)."""
+    j = tl.program_id(0)
+    xm = tl.arange(0, MP)
+    acc = tl.zeros((MP, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + j * K + k, mask=k < K, other=0.0).to(tl.float32)
+        xmask = (xm < M)[:, None] & (k < K)[None, :]
+        x = tl.load(x_ptr + xm[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
+        acc += x.to(tl.float32) * a[None, :]
+    t = tl.sum(acc, axis=1)
+    tl.store(t_ptr + xm * R + j, t.to(t_ptr.dtype.element_ty), mask=xm < M)
+
+
+def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """x2 A^T in x's dtype, fp32 sums: one launch of r tiny programs.
+
+    With cuBLAS here (F.linear) LoRA added 6-7 us a call inside a graph (bench/NOTES.md),
+    about two kernel slots; this is one.
+    """
+    m, k = x2.shape
+    rank = lora_a.shape[0]
+    t = torch.empty((m, rank), dtype=x2.dtype, device=x2.device)
+    mp = triton.next_power_of_2(m)
+    _lora_down_kernel[(rank,)](
+        x2, lora_a.contiguous(), t, m, k, rank, x2.stride(0), MP=mp, BLOCK_K=max(64, 2048 // mp)
+    )
+    return t
+
+
+# (BN, BKW, num_warps, num_stages, programs per SM; 0: one program a tile) tried at the first
+# call of each shape; more x rows get smaller tiles to stay in registers. The one-tile configs
+# are the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the
+# tuner weighs against them.
+_CONFIGS = {
+    1: [(16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (16, 64, 2, 3, 0), (16, 128, 8, 3, 0),
+        (8, 256, 2, 3, 0), (16, 128, 4, 3, 2), (16, 128, 4, 4, 2), (16, 256, 4, 3, 2),
+        (8, 128, 4, 3, 4), (8, 128, 2, 4, 6), (16, 128, 8, 3, 2)],
+    2: [(16, 128, 4, 3, 0), (8, 128, 4, 3, 0), (8, 256, 4, 3, 0), (16, 128, 4, 3, 2),
+        (8, 128, 4, 3, 4)],
+    4: [(8, 128, 4, 3, 0), (16, 64, 4, 3, 0), (4, 256, 4, 3, 0), (8, 128, 4, 3, 3),
+        (4, 128, 4, 3, 6)],
+    8: [(4, 128, 4, 3, 0), (8, 64, 4, 3, 0), (2, 128, 4, 3, 0), (4, 128, 4, 3, 4),
+        (8, 64, 4, 3, 3)],
+}  # fmt: skip
+_TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("NF4_GEMV_TUNE", "1") != "0" and not _interpreting()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _grid(cfg: tuple[int, int, int, int, int], n_out: int, device: torch.device) -> int:
+    tiles = triton.cdiv(n_out, cfg[0])
+    return tiles if cfg[4] == 0 else min(tiles, cfg[4] * _sm_count(device))
+
+
+def _pick_config(key: tuple, n_out: int, kw: int, mp: int, launch) -> tuple[int, ...]:
+    """Best config for this shape: timed once per shape outside graph capture, else a default.
+
+    The default is the first candidate that still gives 264 programs (two an H100/H200 SM),
+    or the narrowest one for small N.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    fits = [c for c in _CONFIGS[mp] if c[1] <= max(8, triton.next_power_of_2(kw))]
+    fits = fits or [(_CONFIGS[mp][0][0], 8, 4, 2, 0)]
+    plain = [c for c in fits if c[4] == 0] or fits
+    default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
+    if not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
+        return default
+    # do_bench clears the L2 between runs, so weights that fit the 50-60 MB L2 are timed from
+    # memory, as in a decode step.
+    times = {}
+    for c in fits:
+        try:
+            times[c] = triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=15)
+        except triton.runtime.errors.OutOfResources:  # a tile too big for this card's SMs
+            continue
+    _TUNED[key] = min(times, key=times.get) if times else default
+    return _TUNED[key]
+
+
+def _gemv_supported(x2: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Shapes the GEMV handles: few rows, whole 64-blocks per weight row, word-aligned bytes."""
+    n, k = shape
+    return (
+        0 < x2.shape[0] <= GEMV_MAX_ROWS
+        and k % NF4_BLOCKSIZE == 0
+        and n > 0
+        and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and packed.dtype == torch.uint8
+        and packed.is_contiguous()
+        and packed.data_ptr() % 16 == 0
+        and (x2.is_cuda or _interpreting())
+    )
+
+
+def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
+    n, k = shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+    if swiglu and n % 2:
+        raise ValueError(f"a gate/up weight needs an even number of rows, got {n}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together")
+    x2 = x.reshape(-1, k)
+    n_out = n // 2 if swiglu else n
+    if not _gemv_supported(x2, packed, shape):
+        y = F.linear(x2, nf4_dequantize(packed, absmax, shape, x.dtype))
+        if lora_a is not None:
+            y = y + F.linear(F.linear(x2, lora_a), lora_b) * lora_scale
+        if swiglu:
+            y = _swiglu_reference(*y.chunk(2, dim=-1))
+        return y.reshape(*x.shape[:-1], n_out)
+
+    m = x2.shape[0]
+    if not x2.is_contiguous() or x2.data_ptr() % 4:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    x_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
+    xv = x2 if x_kind == 0 else x2.view(torch.int32)
+    words = packed.reshape(-1).view(torch.int32)  # little-endian: byte i of a word is bits 8i..8i+7
+    scales = absmax.reshape(-1).float().contiguous()
+    rank = 0 if lora_a is None else lora_a.shape[0]
+    t = _lora_down(x2, lora_a) if rank else scales
+    b = lora_b.contiguous() if rank else scales
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    mp = triton.next_power_of_2(m)
+    code = nf4_code_table(x.device)
+
+    def launch(cfg):
+        bn, bkw, warps, stages, per_sm = cfg
+        _nf4_gemv_kernel[(_grid(cfg, n_out, x.device),)](
+            xv, words, scales, code, t, b, y,
+            m, n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0), y.stride(0), float(lora_scale),
+            MP=mp, R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn, BKW=bkw,
+            X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not _interpreting(),
+            NUM_STAGES=stages, PERSISTENT=per_sm > 0, num_warps=warps,
+        )  # fmt: skip
+
+    key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
+    launch(_pick_config(key, n_out, k // 8, mp, launch))
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def nf4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, int],
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+) -> torch.Tensor:
+    """y = x W^T + lora_scale * (x A^T) B^T for the NF4 weight W of `shape` (N, K).
+
+    Same arguments as kernels.reference.nf4_linear: x (..., K); packed uint8 in bitsandbytes'
+    layout; absmax fp32, one per 64 flattened elements; lora_a (r, K) and lora_b (N, r) in x's
+    dtype, or both None. Graph-capturable once each shape has been called outside capture.
+    """
+    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu=False)
+
+
+def nf4_linear_swiglu(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, int],
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+) -> torch.Tensor:
+    """silu(g) * u where [g, u] = nf4_linear(x, ...) split in halves: W is gate stacked on up.
+
+    shape is (2I, K); lora_b (2I, r2) stacked the same way. Output (..., I). Same semantics as
+    kernels.reference.nf4_linear_swiglu.
+    """
+    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu=True)

@@ -1,0 +1,130 @@
+"""kernels/nf4.py (NF4 dequantization) against kernels/reference.py and bitsandbytes.
+
+Dequantization is one fp32 multiply then one cast, exactly as the reference and bitsandbytes'
+dequantize_4bit do, so every dtype must match bit for bit. The one exception is bf16 under
+TRITON_INTERPRET=1: the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even,
+so there each value may be one bf16 ulp (2^-7 relative) off; on the GPU bf16 is exact too.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import reference  # noqa: E402
+from kernels.nf4 import nf4_dequantize  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+SHAPES = [
+    (1, 1),  # one element: one byte, half of it padding
+    (5, 123),  # odd everything; blocks cross rows
+    (1, 64),  # a single block
+    (7, 100),  # K not a multiple of 64, odd byte count
+    (33, 256),
+    (3, 4096),  # a Llama-3-8B row length
+    (600, 7),  # more bytes than one program handles, tiny rows
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _random_nf4(shape, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    numel = shape[0] * shape[1]
+    packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g)
+    absmax = torch.rand(-(-numel // 64), generator=g) * 3 + 0.01
+    return packed.to(DEVICE), absmax.to(DEVICE)
+
+
+def _assert_exact(ours, ref, dtype):
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    if dtype == torch.bfloat16 and INTERPRETED:
+        torch.testing.assert_close(ours, ref, atol=0, rtol=2**-7)
+    else:
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_matches_reference(shape, dtype):
+    packed, absmax = _random_nf4(shape, seed=shape[0] * 1000 + shape[1])
+    ours = nf4_dequantize(packed, absmax, shape, dtype)
+    _assert_exact(ours, reference.nf4_dequantize(packed, absmax, shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("shape", [(5, 123), (16, 64), (3, 4096), (1, 100)])
+def test_dequantize_matches_bitsandbytes(shape):
+    bnb = pytest.importorskip("bitsandbytes")
+    g = torch.Generator(device="cpu").manual_seed(7)
+    w = torch.randn(shape, generator=g).to(DEVICE)
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    theirs = bnb.functional.dequantize_4bit(packed, state)
+    ours = nf4_dequantize(packed, absmax, shape, torch.float32)
+    assert (ours - theirs).abs().max().item() <= 1e-6
+    # and the quantization itself is close to the weight (a check that the layouts agree)
+    assert (ours - w).abs().max().item() <= absmax.max().item() * 0.2
+
+
+def test_dequantize_rejects_wrong_sizes():
+    packed, absmax = _random_nf4((4, 64), seed=0)
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        nf4_dequantize(packed, absmax, (4, 65), torch.float32)
+    with pytest.raises(ValueError, match="absmax"):
+        nf4_dequantize(packed, absmax[:-1], (4, 64), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dequantize_llama_size_exact_on_gpu():
+    shape = (14336, 4096)
+    packed, absmax = _random_nf4(shape, seed=3)
+    for dtype in DTYPES:
+        ours = nf4_dequantize(packed, absmax, shape, dtype)
+        assert torch.equal(ours, reference.nf4_dequantize(packed, absmax, shape, dtype))
+
+
+# Compiled for an sm_90 target without a GPU: the interpreter runs kernels as plain Python, so
+# it accepts what the compiler rejects (a non-constexpr global read inside a kernel once
+# passed every CPU test and failed every GPU one). Every kernel and loop shape of the NF4 files.
+_COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.nf4 import _nf4_dequantize_kernel
+from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
+
+gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
+            b_ptr="*bf16", y_ptr="*bf16", M="i32", N_OUT="i32", kw="i32", kb="i32",
+            stride_xm="i32", stride_ym="i32", lora_scale="fp32")
+cases = [
+    (_nf4_dequantize_kernel, dict(packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
+                                  out_ptr="*bf16", numel="i32"), dict(BLOCK_BYTES=2048)),
+    (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*bf16", M="i32", K="i32",
+                             R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
+]
+for persistent in (False, True):
+    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, BN=16, BKW=128, X_KIND=2,
+                  SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=persistent)))
+for fn, sig, const in cases:
+    triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4, "num_stages": 3})
+"""
+
+
+def test_kernels_compile_for_hopper():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -626,6 +626,11 @@ class ChatService:
     def model_panel(self) -> str:
         return model_markdown(self.engine.info())
 
+    def refresh_panel(self):
+        """(adapter choices, panel): adapters loaded from another page since this one was built
+        become choices here too; the selection stays."""
+        return gr.Dropdown(choices=self.adapter_choices()), self.model_panel()
+
     def load_adapter(self, source: str):
         """Load an adapter by path or hub id and select it: (dropdown, panel, textbox)."""
         source = (source or "").strip()
@@ -689,7 +694,7 @@ def chat_tab(service: ChatService, settings: list, adapter: gr.Dropdown, example
     conversation = gr.State([])
     chatbot = gr.Chatbot(
         label="Conversation",
-        height=540,
+        height=600,
         buttons=["copy"],
         feedback_options=None,
         placeholder="Ask anything. Replies stream here, with their speed under each one.",
@@ -774,7 +779,7 @@ def model_panel(service: ChatService, adapter: gr.Dropdown, info: dict) -> gr.Ma
 
     for trigger in (load.click, source.submit):
         trigger(service.load_adapter, [source], [adapter, panel, source], api_visibility="private")
-    refresh.click(service.model_panel, None, panel, **INSTANT)
+    refresh.click(service.refresh_panel, None, [adapter, panel], **INSTANT)
     return panel
 
 
@@ -809,7 +814,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         component.render()
                 with gr.Accordion("Model", open=True):
                     panel = model_panel(service, adapter, info)
-        demo.load(service.model_panel, None, panel, **INSTANT)
+        demo.load(service.refresh_panel, None, [adapter, panel], **INSTANT)
         demo.unload(service.stop_session)
 
         gr.api(service.api_chat, api_name="chat", **service.queue_options)

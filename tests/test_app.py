@@ -157,7 +157,7 @@ def test_model_info_describes_the_loaded_model(client):
     info = client.predict(api_name="/model_info")
     assert info["device"] == "cpu" and info["max_seq_len"] == 1024
     assert info["kernels"] and info["quantization"] and info["memory"]
-    assert info["adapters"] == []
+    assert isinstance(info["adapters"], list)
 
 
 # --------------------------------------------------------------------------- command line

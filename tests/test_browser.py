@@ -3,13 +3,16 @@ tests/conftest.py starts. The chat test also saves assets/screenshot.png, the pi
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from safetensors.torch import save_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless in a container: no sandbox, no GPU, and nothing that reaches out to the network.
@@ -180,3 +183,40 @@ def test_instruct_tab_streams_the_planets(page):
     assert len(seen - {""}) >= 3, "the response did not stream into its box"
     assert STATS_LINE.search(finished.inner_text())
     assert sum(p in response for p in PLANETS) >= 6, response
+
+
+def write_lora(folder: Path) -> Path:
+    """A small PEFT LoRA (r=4 on q_proj and v_proj of the first layer) shaped for the default
+    model, SmolLM2-135M-Instruct: hidden size 576, 9 query heads and 3 KV heads of 64."""
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(0)
+    prefix = "base_model.model.model.layers.0.self_attn"
+    tensors = {}
+    for projection, out_features in (("q_proj", 576), ("v_proj", 192)):
+        tensors[f"{prefix}.{projection}.lora_A.weight"] = 0.01 * torch.randn(4, 576, generator=generator)
+        tensors[f"{prefix}.{projection}.lora_B.weight"] = 0.01 * torch.randn(
+            out_features, 4, generator=generator
+        )
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_model_panel_loads_an_adapter_and_chats_with_it(page, tmp_path):
+    adapter = str(write_lora(tmp_path / "tiny-lora"))
+    expect(page.locator("#model-panel")).to_contain_text("Kernels:")
+    page.locator("#adapter-source input, #adapter-source textarea").fill(adapter)
+    page.get_by_role("button", name="Load adapter").click()
+
+    expect(page.locator(".toast-body").filter(has_text="loaded and selected")).to_be_visible(timeout=60_000)
+    expect(page.locator("#adapter input")).to_have_value(adapter)
+    expect(page.locator("#model-panel")).to_contain_text("tiny-lora")
+    set_number(page, "max-new-tokens", 8)
+    send(page, "Say hello.")
+    assert STATS_LINE.search(wait_for_reply(page, 1))
+
+    page.locator("#adapter-source input, #adapter-source textarea").fill(str(tmp_path / "missing"))
+    page.get_by_role("button", name="Load adapter").click()
+    expect(page.locator(".toast-body").filter(has_text="No adapter folder")).to_be_visible(timeout=30_000)
+    expect(page.locator("#adapter input")).to_have_value(adapter)

@@ -1,12 +1,14 @@
 """CPU decode speed of our engine against HF transformers' generate, on the embedded default model.
 
-    python -m bench.cpu_vs_hf [--new-tokens 64] [--warmup 1] [--iters 3] [--threads N]
+    python -m bench.cpu_vs_hf [--quantize none|nf4] [--new-tokens 64] [--warmup 1] [--iters 3] [--threads N]
 
 Both run the same weights (SmolLM2-135M-Instruct, read from the same GGUF file by transformers,
-float32, unquantized: what quantize "auto" serves for a model this small) on the same chat prompt,
-greedy, EOS ignored so every generation has exactly --new-tokens tokens, one after the other in
-one process. Ours goes through Engine.generate_ids (the app's path, stats from its final event);
-HF through model.generate(do_sample=False, min_new_tokens=max_new_tokens). Reported: time to
+float32; unquantized by default, which is what quantize "auto" serves for a model this small;
+with --quantize nf4, ours in NF4 against HF with bitsandbytes Linear4bit projections, as bnb runs
+them on this CPU) on the same chat prompt, greedy, EOS ignored so every generation has exactly
+--new-tokens tokens, one after the other in one process. Ours goes through Engine.generate_ids
+(the app's path, stats from its final event); HF through model.generate(do_sample=False,
+min_new_tokens=max_new_tokens). Reported: time to
 first token, decode tokens/s (tokens after the first over the time after the first), end-to-end
 tokens/s, and ours / HF. Also whether both produced the same tokens. JSON line last.
 """
@@ -68,6 +70,24 @@ def summarise(runs: list[tuple[float, float, float]], new_tokens: int) -> dict:
     return {"ttft_ms": 1000 * ttft, "decode_tok_s": decode, "e2e_tok_s": new_tokens / total}
 
 
+def to_linear4bit(model) -> None:
+    """HF + bitsandbytes: every projection a Linear4bit (nf4, blocksize 64, double quant), as
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True) builds them."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if isinstance(linear, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(
+                        linear.in_features, linear.out_features, bias=False, compute_dtype=torch.float32
+                    )
+                    q.weight = bnb.nn.Params4bit(
+                        linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                    )._quantize("cpu")
+                    setattr(parent, name, q)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -100,15 +120,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations first, each side")
     parser.add_argument("--iters", type=int, default=3, help="timed generations, each side")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "nf4"],
+        help="projections unquantized or NF4, both sides",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
-    engine = Engine.load(quantize="none", device="cpu", max_seq_len=512, max_batch=1)
+    engine = Engine.load(quantize=args.quantize, device="cpu", max_seq_len=512, max_batch=1)
     gguf = default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    if args.quantize == "nf4":
+        to_linear4bit(hf)
     ids = prompts.chat_prompt_ids(engine.tokenizer, prompts.chat_messages(PROMPT))
 
     ours, our_tokens = time_ours(engine, ids, args.new_tokens, args.warmup, args.iters)
@@ -119,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "cpu_vs_hf",
         "device": f"cpu: {cpu_name()}",
         "threads": torch.get_num_threads(),
-        "model": "default (SmolLM2-135M-Instruct, fp32)",
+        "model": f"default (SmolLM2-135M-Instruct, fp32, projections {args.quantize})",
         "prompt_tokens": len(ids),
         "new_tokens": args.new_tokens,
         "iters": args.iters,

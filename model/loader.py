@@ -369,7 +369,10 @@ def load_model(
             state = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, dtype=torch.float32, **kwargs
             ).state_dict()
-            get, prequantized = state.__getitem__, False
+            # Each tensor is read once; popping it lets transformers' copy go as ours is built.
+            # Measured peak RSS growth, unquantized: +1171 MiB -> +1013 MiB (model 513 MiB); what
+            # is left is transformers' GGUF reading, before build() starts.
+            get, prequantized = state.pop, False
         else:
             folder = local_or_hub(source)
             config = AutoConfig.from_pretrained(folder)

@@ -265,7 +265,7 @@ def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
-        return content.get("text") or "" if content.get("type", "text") == "text" else ""
+        return (content.get("text") or "") if content.get("type", "text") == "text" else ""
     if isinstance(content, list | tuple):
         return "\n".join(t for t in (content_text(c) for c in content) if t)
     raise EngineError("A message's content must be text or a list of text blocks.")
@@ -411,7 +411,7 @@ class ChatService:
                     yield text, stats
             finally:
                 stream.close()
-                events.close()  # releases the engine's lock now, not whenever it is collected
+                events.close()  # ends the engine's request now, not whenever it is collected
                 reason = stats.stop_reason if stats is not None else None
                 log.info(
                     "%s: %s, stop=%s",
@@ -843,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             use_triton=not args.no_triton,
         )
     except EngineError as e:
-        sys.exit(f"Could not load the model: {e}")
+        sys.exit(f"Could not start: {e}")
     demo = build_ui(ChatService(engine))
     demo.queue(max_size=args.queue_size)
     demo.launch(

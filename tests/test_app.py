@@ -85,6 +85,18 @@ def test_second_turn_sees_the_first(client):
 
 
 @pytest.mark.slow
+def test_the_system_prompt_reaches_the_model(client):
+    def prompt_tokens(system_prompt: str) -> int:
+        _, stats = client.predict(
+            "Who are you?", [], system_prompt, max_new_tokens=2, **GREEDY, api_name="/chat"
+        )
+        return stats["prompt_tokens"]
+
+    # (No system prompt is no baseline: SmolLM2's chat template then puts in its own.)
+    assert prompt_tokens("Be brief. " + "Talk like a pirate. " * 10) > prompt_tokens("Be brief.") + 30
+
+
+@pytest.mark.slow
 def test_stop_cancels_the_running_generation(client):
     job = client.submit(LONG_PROMPT, [], max_new_tokens=600, **GREEDY, api_name="/chat")
     deadline = time.monotonic() + 60
@@ -242,7 +254,7 @@ def test_share_without_auth_warns_and_a_bad_model_ends_in_one_sentence(tmp_path)
     assert result.returncode == 1
     assert app.SHARE_WITHOUT_AUTH in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("Could not load the model:") and "Traceback" not in result.stderr
+    assert last_line.startswith("Could not start: No model folder") and "Traceback" not in result.stderr
 
 
 # --------------------------------------------------------------------------- helpers

@@ -345,6 +345,44 @@ def choose_quantization(quantize: str, args: ModelArgs, prequantized: bool) -> b
     return quantize == "nf4" or (quantize == "auto" and args.n_params >= NF4_MIN_PARAMS)
 
 
+def first_sentence(err: BaseException) -> str:
+    """The first sentence of a library's error message (theirs often run to a paragraph)."""
+    text = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".")
+    return (text or err.__class__.__name__) + "."
+
+
+def read_config(folder: Path, source: str):
+    """transformers' config of a checkpoint folder, once config.json is known to be a Llama's."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ModelSourceError(f"The config.json in '{source}' is not valid JSON.") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != "llama":
+        raise ModelSourceError(
+            f"Only Llama-family models are supported; this checkpoint is '{model_type or 'unknown'}'."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(
+            f"The config.json in '{source}' cannot be read: {first_sentence(err)}"
+        ) from None
+
+
+def read_tokenizer(folder: Path, source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        raise ModelSourceError(
+            f"'{source}' has no tokenizer that transformers can load (tokenizer.json, tokenizer_config.json)."
+        ) from None
+
+
 def load_model(
     source: str = DEFAULT_SOURCE,
     quantize: str = "auto",
@@ -375,8 +413,8 @@ def load_model(
             get, prequantized = state.pop, False
         else:
             folder = local_or_hub(source)
-            config = AutoConfig.from_pretrained(folder)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            config = read_config(folder, source)
+            tokenizer = read_tokenizer(folder, source)
             get = SafetensorsReader(folder)
             qc = getattr(config, "quantization_config", None) or {}
             qc = qc if isinstance(qc, dict) else qc.to_dict()
@@ -391,5 +429,5 @@ def load_model(
     except UnsupportedModelError as err:
         raise ModelSourceError(str(err)) from None
     except (OSError, KeyError) as err:
-        raise ModelSourceError(f"Could not load '{source}': {err}".split("\n")[0]) from None
+        raise ModelSourceError(f"Could not load '{source}': {first_sentence(err)}") from None
     return LoadedModel(model, tokenizer, args, source, quantized, dev, dtype, peak_rss_bytes(), rss_before)

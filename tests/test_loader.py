@@ -313,3 +313,45 @@ def test_llama3_stops_on_eot_and_end_of_text(tmp_path, emitted):
     ids = engine.tokenizer("hello world", add_special_tokens=False)["input_ids"]
     assert [t for e in engine.generate_ids(ids, settings) for t in e.token_ids] == [0, 0]
     engine.close()
+
+
+def break_tokenizer(folder):
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+
+
+def break_config(folder):
+    (folder / "config.json").write_text('{"model_type": "llama", ')
+
+
+def truncate_weights(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def drop_a_tensor(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (break_tokenizer, "no tokenizer"),
+        (break_config, "not valid JSON"),
+        (truncate_weights, "cut short"),
+        (drop_a_tensor, "model.layers.1.mlp.up_proj.weight"),
+    ],
+    ids=["no tokenizer", "config not JSON", "truncated weights", "missing tensor"],
+)
+def test_broken_checkpoint_gives_one_sentence(tmp_path, bf16_folder, damage, words):
+    folder = tmp_path / "broken"
+    shutil.copytree(bf16_folder, folder)
+    damage(folder)
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(folder), device="cpu")
+    assert words in str(err.value)
+    assert_one_sentence(str(err.value))

@@ -140,26 +140,50 @@ class CancelToken:
         return self._event.is_set()
 
 
+class EventStream(Iterator[GenerationEvent]):
+    """A generation's events. Closing it, or dropping it unread, cancels the generation, even
+    before the first event (a bare generator would not run its cleanup then)."""
+
+    def __init__(self, events: Iterator[GenerationEvent], cancel: CancelToken):
+        self._events, self._cancel = events, cancel
+
+    def __next__(self) -> GenerationEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._cancel.cancel()
+        self._events.close()
+
+    def __del__(self) -> None:
+        self._cancel.cancel()
+
+
 class TextStream:
     """Token ids in, text deltas out: whole characters only, stop strings cut and held back."""
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
         self.ids: list[int] = []
+        # Only ids[prefix:] are decoded per token (cost independent of the reply's length); the
+        # text of ids[prefix:read] is subtracted, so tokenizers that treat the first token of a
+        # decode differently (leading spaces) give the same delta as a full decode.
+        self.prefix = self.read = 0
         self.text = ""  # all decoded text so far
         self.sent = 0  # characters of self.text already handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, now = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # nothing new, or half a character
             return ""
-        self.text = text
+        self.text += now[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
         for s in self.stop:
-            cut = text.find(s)
+            cut = self.text.find(s)
             if cut >= 0:
-                self.text, self.stopped = text[:cut], True
+                self.text, self.stopped = self.text[:cut], True
         return self.release(final=self.stopped)
 
     def release(self, final: bool) -> str:
@@ -251,7 +275,7 @@ class Engine:
             device = "cpu"
             memory = f"{loaded.peak_host_memory_bytes / 1e9:.2f} GB peak RSS"
         return {
-            "model": loaded.source,
+            "model": "SmolLM2-135M-Instruct (embedded)" if loaded.source == DEFAULT_SOURCE else loaded.source,
             "quantization": "NF4 (bitsandbytes layout, double quant)"
             if loaded.quantized
             else f"none ({dtype})",
@@ -261,6 +285,7 @@ class Engine:
             "cuda_graphs": isinstance(self.runner, GraphRunner),
             "adapters": self.adapters(),
             "max_seq_len": self.max_seq_len,
+            "max_batch": self.max_batch,
             "memory": memory,
         }
 
@@ -270,6 +295,8 @@ class Engine:
     def load_adapter(self, source: str, name: str | None = None) -> str:
         """Load a PEFT LoRA adapter under `name` (default: the source); the model is unchanged."""
         name = name or source.rstrip("/")
+        if name in self.adapter_weights:
+            raise EngineError(f"An adapter named '{name}' is already loaded.")
         try:
             weights = lora.build_adapter(self.model, source)
         except lora.AdapterError as err:
@@ -313,13 +340,13 @@ class Engine:
         if not instruction.strip():
             raise EngineError("Please write an instruction first.")
         ids = prompts.alpaca_prompt_ids(self.tokenizer, instruction, input)
-        self._check_fits(len(ids), "instruction and input")
+        self._check_fits(len(ids), "Your instruction and input are")
         return self._run(ids, settings, adapter, cancel, 0)
 
-    def _check_fits(self, n_tokens: int, what: str) -> None:
+    def _check_fits(self, n_tokens: int, subject: str) -> None:
         if n_tokens >= self.max_seq_len:
             raise EngineError(
-                f"Your {what} take {n_tokens} tokens, but the context holds {self.max_seq_len}; "
+                f"{subject} {n_tokens} tokens long, but the context holds {self.max_seq_len}; "
                 "please shorten it."
             )
 
@@ -335,7 +362,7 @@ class Engine:
                 break
             drop = 2 if len(turns) > 2 and turns[1].get("role") == "assistant" else 1
             turns, trimmed = turns[drop:], trimmed + 1
-        self._check_fits(len(ids), "message")
+        self._check_fits(len(ids), "Your message is")
         return ids, trimmed
 
     def generate_ids(
@@ -352,7 +379,7 @@ class Engine:
             raise EngineError("The prompt is empty.")
         if not all(isinstance(i, int) and 0 <= i < self.loaded.args.vocab_size for i in ids):
             raise EngineError("Token ids must be whole numbers inside the model's vocabulary.")
-        self._check_fits(len(ids), "prompt")
+        self._check_fits(len(ids), "The prompt is")
         return self._run(ids, settings, adapter, cancel, 0)
 
     def _run(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
@@ -370,7 +397,7 @@ class Engine:
             raise EngineError(
                 f"The server is busy ({err.args[0]} requests are waiting); please try again in a moment."
             ) from None
-        return self._events(request, settings, start, trimmed)
+        return EventStream(self._events(request, settings, start, trimmed), request.cancel)
 
     def _events(self, request: Request, settings, start: float, trimmed: int) -> Iterator[GenerationEvent]:
         """The worker's tokens as text events with running stats; closing it cancels the request."""

@@ -19,7 +19,6 @@ import logging
 import torch
 
 from model.llama import Transformer
-from model.quant import LoRALinear
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 256
@@ -53,8 +52,9 @@ class Runner:
         return logits[:, -1]
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits (B, V): row b reads tokens[b] at positions[b] in cache slot b."""
+    def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Logits (B, V): row b reads tokens[b] at positions[b] in cache slot b. `adapter` names
+        the LoRA the model applies now (the scheduler activated it)."""
         t = torch.tensor(tokens, device=self.device)[:, None]
         p = torch.tensor(positions, device=self.device)[:, None]
         return self.model(t, p, attn_len=max(positions) + 1)[:, -1]
@@ -79,14 +79,6 @@ class GraphRunner(Runner):
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def adapter_key(self) -> tuple:
-        """Identifies the LoRA tensors the model applies now (what a graph bakes in)."""
-        return tuple(
-            id(m.lora.a) if m.lora is not None else 0
-            for m in self.model.modules()
-            if isinstance(m, LoRALinear)
-        )
-
     def capture(self, batch: int, attn_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record one decode step of rows 0..batch-1 reading the cache up to attn_len.
 
@@ -107,15 +99,16 @@ class GraphRunner(Runner):
         return graph, logits
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits (B', V), B' >= len(tokens) the captured batch size; rows past len(tokens) are
-        free slots fed token 0 at position 0."""
+        free slots fed token 0 at position 0. A graph bakes in the LoRA tensors of `adapter`
+        (adapters are never replaced under a name, so the name identifies them)."""
         attn_len = next(b for b in self.buckets if b > max(positions))
         batch = next(b for b in self.batch_sizes if b >= len(tokens))
         pad = [0] * (batch - len(tokens))
         self.token[:batch, 0].copy_(torch.tensor(tokens + pad))
         self.position[:batch, 0].copy_(torch.tensor(positions + pad))
-        key = (self.adapter_key(), batch, attn_len)
+        key = (adapter, batch, attn_len)
         if key not in self.graphs:
             log.info("Capturing the decode step for batch %d, attention length %d", batch, attn_len)
             self.graphs[key] = self.capture(batch, attn_len)

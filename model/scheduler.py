@@ -79,6 +79,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.rows: dict[int, Row] = {}
         self.turn = 0  # which adapter group steps next
+        self.adapter: str | None = None  # the one the model applies now
+        activate_adapter(None)
         self.wake = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self.loop, name="generation-worker", daemon=True)
@@ -139,13 +141,19 @@ class Scheduler:
                 continue
             seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            self.seen[slot] = False
-            self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
-            self.activate_adapter(request.adapter)
+            if request.repetition_penalty != 1.0:
+                self.seen[slot] = False
+                self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
+            self.use_adapter(request.adapter)
             logits = self.runner.prefill(request.ids, slot)
             row = Row(request, slot, len(request.ids), 0, 0, generator)
             self.rows[slot] = row
             self.emit(row, int(self.pick(row, logits[0])))
+
+    def use_adapter(self, adapter: str | None) -> None:
+        if adapter != self.adapter:
+            self.activate_adapter(adapter)
+            self.adapter = adapter
 
     def pick(self, row: Row, logits: torch.Tensor) -> torch.Tensor:
         r = row.request
@@ -160,7 +168,8 @@ class Scheduler:
         if token_id in self.stop_ids and not request.ignore_eos:
             return self.finish(row.slot, "eos")
         request.out.put((token_id, time.perf_counter()))
-        self.seen[row.slot, token_id] = True
+        if request.repetition_penalty != 1.0:
+            self.seen[row.slot, token_id] = True
         row.token, row.generated = token_id, row.generated + 1
         if row.generated >= request.max_new_tokens:
             self.finish(row.slot, "length")
@@ -172,16 +181,22 @@ class Scheduler:
         if not self.rows:
             return
         groups = sorted({row.request.adapter or "" for row in self.rows.values()})
-        adapter = groups[self.turn % len(groups)]
+        adapter = groups[self.turn % len(groups)] or None
         self.turn += 1
-        self.activate_adapter(adapter or None)
+        self.use_adapter(adapter)
         width = max(self.rows) + 1
         tokens, positions = [0] * width, [0] * width
         for slot, row in self.rows.items():
             tokens[slot], positions[slot] = row.token, row.position
-        logits = self.runner.decode(tokens, positions)
-        stepped = [row for row in self.rows.values() if (row.request.adapter or "") == adapter]
-        picks = torch.cat([self.pick(row, logits[row.slot]) for row in stepped]).tolist()
-        for row, token_id in zip(stepped, picks):
+        logits = self.runner.decode(tokens, positions, adapter)
+        stepped = [row for row in self.rows.values() if row.request.adapter == adapter]
+        # Greedy rows without a penalty take one argmax together; the others sample one by one.
+        plain = [
+            row for row in stepped if row.request.temperature == 0 and row.request.repetition_penalty == 1
+        ]
+        other = [row for row in stepped if row not in plain]
+        picks = [logits[[row.slot for row in plain]].argmax(dim=-1)] if plain else []
+        picks += [self.pick(row, logits[row.slot]) for row in other]
+        for row, token_id in zip(plain + other, torch.cat(picks).tolist()):
             row.position += 1
             self.emit(row, token_id)

@@ -66,6 +66,27 @@ def rope(
     return rotate(q), rotate(k)
 
 
+def rope_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """rope(q, k), then k and v stored in the (slots, Hk, S, D) caches; returns the rotated q.
+
+    rows: (B, 1) cache row of each sequence; positions: (B, T) cache position of each token.
+    """
+    q, k = rope(q, k, cos, sin)
+    k_cache[rows, :, positions] = k  # advanced indices first: (B, T, Hk, D)
+    v_cache[rows, :, positions] = v
+    return q
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, in the inputs' dtype (HF LlamaMLP)."""
     return F.silu(gate) * up

@@ -76,6 +76,12 @@ def _rope_kernel(
     sko_b, sko_t, sko_h,  # strides of the k output
     sc_b, sc_t,  # strides of cos over batch, token (0 over a broadcast batch)
     ss_b, ss_t,  # strides of sin over batch, token
+    v_ptr,  # (B, T, HK, D) values copied to vo_ptr (CACHE only)
+    vo_ptr,  # value cache, addressed like the key output (CACHE only)
+    sv_b, sv_t, sv_h,  # strides of v
+    svo_h,  # head stride of the value cache (its row/position strides equal the key cache's)
+    rows_ptr,  # (B,) int64 cache row of each sequence (CACHE only)
+    pos_ptr,  # (B, T) int64 cache position of each token, contiguous (CACHE only)
     HQ: tl.constexpr,  # query heads
     HK: tl.constexpr,  # key heads
     HALF: tl.constexpr,  # head dim / 2
@@ -83,10 +89,22 @@ def _rope_kernel(
     BLOCK_HK: tl.constexpr,  # power of two >= HK
     BLOCK_HALF: tl.constexpr,  # power of two >= HALF
     BACKWARD: tl.constexpr,  # rotate by the opposite angle (the gradient)
+    CACHE: tl.constexpr,  # write k and v into a KV cache at (rows[b], pos[b, t]) instead of (b, t)
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
+    b_out, t_out = b, t
+    if CACHE:
+        b_out = tl.load(rows_ptr + b)
+        t_out = tl.load(pos_ptr + pid)
+        for j in tl.static_range(0, 2):  # v is copied as two halves, like the rotated heads
+            heads = tl.arange(0, BLOCK_HK)[:, None]
+            cols = tl.arange(0, BLOCK_HALF)[None, :]
+            mask = (heads < HK) & (cols < HALF)
+            val = tl.load(v_ptr + b * sv_b + t * sv_t + heads * sv_h + j * HALF + cols, mask=mask)
+            out = vo_ptr + b_out * sko_b + t_out * sko_t + heads * svo_h + j * HALF + cols
+            tl.store(out, val, mask=mask)
     cols = tl.arange(0, BLOCK_HALF)
     # transformers casts the fp32 tables to the activations' dtype before multiplying.
     dtype = q_ptr.dtype.element_ty
@@ -101,7 +119,7 @@ def _rope_kernel(
         c, s, HQ, HALF, BLOCK_HQ, BLOCK_HALF,
     )  # fmt: skip
     _rotate_heads(
-        k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, sk_h, sko_h,
+        k_ptr + b * sk_b + t * sk_t, ko_ptr + b_out * sko_b + t_out * sko_t, sk_h, sko_h,
         c, s, HK, HALF, BLOCK_HK, BLOCK_HALF,
     )  # fmt: skip
 
@@ -116,12 +134,15 @@ def rope_forward(
     cos: torch.Tensor,
     sin: torch.Tensor,
     backward: bool = False,
+    cache: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the rotation of q and k; returns new contiguous (q_out, k_out).
 
     q, k: (B, T, H, D) with any strides (a copy is made only if the last dim is strided);
     cos, sin: (B, T, D // 2) or (1, T, D // 2) float32. backward=True applies the inverse
-    rotation, which is the gradient.
+    rotation, which is the gradient. With cache = (v, k_cache, v_cache, rows, positions) the
+    rotated k and v go straight into the (slots, Hk, S, D) caches at (rows[b], :, positions[b, t])
+    and k_out is the key cache.
     """
     if q.dtype != k.dtype:
         raise ValueError(f"rope needs q and k in one dtype, got {q.dtype} and {k.dtype}.")
@@ -133,7 +154,17 @@ def rope_forward(
     cos = _last_dim_contiguous(cos.float().expand(bsz, seq, d // 2))
     sin = _last_dim_contiguous(sin.float().expand(bsz, seq, d // 2))
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if cache is None:
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        k_strides = (k_out.stride(0), k_out.stride(1), k_out.stride(2))
+        v = v_out = rows = positions = q  # unused by the kernel
+        v_strides, v_out_head = (0, 0, 0), 0
+    else:
+        v, k_out, v_out, rows, positions = cache
+        v = _last_dim_contiguous(v)
+        rows, positions = rows.reshape(bsz).contiguous(), positions.contiguous()
+        k_strides = (k_out.stride(0), k_out.stride(2), k_out.stride(1))  # (row, position, head)
+        v_strides, v_out_head = (v.stride(0), v.stride(1), v.stride(2)), v_out.stride(1)
     if bsz * seq > 0:
         half = d // 2
         # Tiles of up to 32 x 64 per half (Llama-3-8B's queries) need no more than 4 warps to
@@ -144,11 +175,13 @@ def rope_forward(
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
-            k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            *k_strides,
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            v, v_out, *v_strides, v_out_head, rows, positions,
             HQ=hq, HK=hk, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-            BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward, num_warps=warps,
+            BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward, CACHE=cache is not None,
+            num_warps=warps,
             # Left on, fp fusion turns `round(x1*c) - round(x2*s)` into one fma that skips the
             # second rounding (seen in the sm_90 PTX: fma.rn.bf16), and the result drifts from
             # transformers'. Off, it is mul.rn + sub.rn, exactly torch's separate kernels.
@@ -177,3 +210,21 @@ def rope(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _Rope.apply(q, k, cos, sin)
     return rope_forward(q, k, cos, sin)
+
+
+def rope_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Rotated q; rotated k and v written into the KV cache, all in one launch (inference only).
+
+    Matches kernels.reference.rope_kv_cache: one launch instead of rope plus two cache writes.
+    """
+    return rope_forward(q, k, cos, sin, cache=(v, k_cache, v_cache, rows, positions))[0]

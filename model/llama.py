@@ -83,9 +83,7 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = self.ops.rope(q, k, cos, sin)
-        self.k_cache[rows, :, positions] = k  # advanced indices first: (B, T, Hk, D)
-        self.v_cache[rows, :, positions] = v
+        q = self.ops.rope_kv_cache(q, k, v, cos, sin, self.k_cache, self.v_cache, rows, positions)
         attn_len = mask.shape[-1]
         if slots is None:  # rows 0..B-1: views, no copy of the cache
             keys, values = self.k_cache[:bsz, :, :attn_len], self.v_cache[:bsz, :, :attn_len]

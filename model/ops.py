@@ -21,6 +21,7 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable
+    rope_kv_cache: Callable
     swiglu: Callable
     nf4_linear: Callable
     nf4_linear_swiglu: Callable
@@ -32,6 +33,7 @@ REFERENCE_OPS = Ops(
     rms_norm=reference.rms_norm,
     add_rms_norm=reference.add_rms_norm,
     rope=reference.rope,
+    rope_kv_cache=reference.rope_kv_cache,
     swiglu=reference.swiglu,
     nf4_linear=reference.nf4_linear,
     nf4_linear_swiglu=reference.nf4_linear_swiglu,
@@ -48,6 +50,7 @@ def triton_ops() -> Ops:
         rms_norm=rmsnorm.rms_norm,
         add_rms_norm=rmsnorm.add_rms_norm,
         rope=rope.rope,
+        rope_kv_cache=rope.rope_kv_cache,
         swiglu=swiglu.swiglu,
         nf4_linear=nf4_linear.nf4_linear,
         nf4_linear_swiglu=nf4_linear.nf4_linear_swiglu,

@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         return Engine.load(source, **{**kwargs, **overrides})
 
+    if torch.cuda.is_available():  # the random checkpoint was built on the GPU: count only ours
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     engine = load()
     adapter_name = engine.adapters()[0] if adapter else None
     device = engine.runner.device

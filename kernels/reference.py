@@ -87,6 +87,30 @@ def rope_kv_cache(
     return q
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor | None,
+    attn_len: int,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its cache rows, as the model's prefill path.
+
+    q: (B, 1, Hq, D); caches (slots, Hk, S, D); positions (B, 1); slots (B,) cache rows or None
+    for rows 0..B-1; keys beyond each token's position are masked. Returns (B, 1, Hq * D).
+    """
+    bsz = q.shape[0]
+    if slots is None:
+        keys, values = k_cache[:bsz, :, :attn_len], v_cache[:bsz, :, :attn_len]
+    else:
+        keys, values = k_cache[slots, :, :attn_len], v_cache[slots, :, :attn_len]
+    key_pos = torch.arange(attn_len, device=q.device)
+    mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, 1, L)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(bsz, 1, -1)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, in the inputs' dtype (HF LlamaMLP)."""
     return F.silu(gate) * up

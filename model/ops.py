@@ -22,6 +22,7 @@ class Ops:
     add_rms_norm: Callable
     rope: Callable
     rope_kv_cache: Callable
+    decode_attention: Callable
     swiglu: Callable
     nf4_linear: Callable
     nf4_linear_swiglu: Callable
@@ -34,6 +35,7 @@ REFERENCE_OPS = Ops(
     add_rms_norm=reference.add_rms_norm,
     rope=reference.rope,
     rope_kv_cache=reference.rope_kv_cache,
+    decode_attention=reference.decode_attention,
     swiglu=reference.swiglu,
     nf4_linear=reference.nf4_linear,
     nf4_linear_swiglu=reference.nf4_linear_swiglu,
@@ -43,7 +45,7 @@ REFERENCE_OPS = Ops(
 
 def triton_ops() -> Ops:
     """The Triton kernels; imported on demand so CPU-only installs never compile anything."""
-    from kernels import nf4, nf4_linear, rmsnorm, rope, swiglu
+    from kernels import decode_attention, nf4, nf4_linear, rmsnorm, rope, swiglu
 
     return Ops(
         name="Triton",
@@ -51,6 +53,7 @@ def triton_ops() -> Ops:
         add_rms_norm=rmsnorm.add_rms_norm,
         rope=rope.rope,
         rope_kv_cache=rope.rope_kv_cache,
+        decode_attention=decode_attention.decode_attention,
         swiglu=swiglu.swiglu,
         nf4_linear=nf4_linear.nf4_linear,
         nf4_linear_swiglu=nf4_linear.nf4_linear_swiglu,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-SPLIT_TOKENS = 1024  # keys per program before the work is split (decode at 8k: 8 splits)
+SPLIT_TOKENS = 512  # keys per program before the work is split (decode at 8k: 16 splits)
 
 
 @triton.jit
@@ -40,11 +40,12 @@ def _decode_attention_kernel(
     scale,  # 1 / sqrt(D), folded with log2(e) for exp2
     HQ: tl.constexpr,  # query heads
     G: tl.constexpr,  # query heads per KV head
-    BLOCK_G: tl.constexpr,  # power of two >= G
+    BLOCK_G: tl.constexpr,  # >= G and >= 16 (tl.dot's smallest tile); rows past G are masked
     D: tl.constexpr,  # head dim (a power of two)
     BLOCK_N: tl.constexpr,  # keys per loop step
     SPLITS: tl.constexpr,  # programs per (sequence, KV head)
     SPLIT_LEN: tl.constexpr,  # keys per split
+    PRECISION: tl.constexpr,  # "ieee" for an fp32 cache; "tf32" for 16-bit ones (exact for fp16 inputs)
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -55,7 +56,7 @@ def _decode_attention_kernel(
     d = tl.arange(0, D)
     heads = kv_head * G + g  # (BLOCK_G,)
     q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
+    q = q.to(tl.float32)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
@@ -68,13 +69,13 @@ def _decode_attention_kernel(
         offs = base + keys[:, None].to(tl.int64) * s_pos + d[None, :]
         k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # (N, D)
         v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, N)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G, N) on the tensor cores
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
     hmask = (g < G)[:, None]
     if SPLITS == 1:
@@ -142,8 +143,9 @@ def decode_attention(
     _decode_attention_kernel[(bsz, hk, splits)](
         q, k_cache, v_cache, pos, rows, part, ml,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bsz, scale,
-        HQ=hq, G=group, BLOCK_G=max(2, triton.next_power_of_2(group)), D=d, BLOCK_N=32,
-        SPLITS=splits, SPLIT_LEN=split_len, num_warps=4,
+        HQ=hq, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=64,
+        SPLITS=splits, SPLIT_LEN=split_len, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(bsz * hq,)](part, ml, out, bsz * hq, D=d, SPLITS=splits, num_warps=1)

@@ -31,6 +31,14 @@ def nf4_code_table(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
+@cache
+def nf4_pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two NF4 values of each byte, high nibble first."""
+    code = nf4_code_table(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack((code[byte >> 4], code[byte & 0xF]), dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / sqrt(mean(x^2) + eps)), the mean taken in fp32 (HF LlamaRMSNorm)."""
     h = x.float()
@@ -128,6 +136,10 @@ def nf4_dequantize(
     dequantize_4bit bit for bit.
     """
     n = shape[0] * shape[1]
+    if n % NF4_BLOCKSIZE == 0:  # whole blocks: one lookup a byte, one scale a block row
+        pairs = nf4_pair_table(packed.device)[packed.reshape(-1)[: n // 2].long()]  # (n/2, 2)
+        out = pairs.reshape(-1, NF4_BLOCKSIZE) * absmax[: n // NF4_BLOCKSIZE, None]
+        return out.reshape(shape).to(dtype)
     flat = packed.reshape(-1)
     idx = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n].long()
     code = nf4_code_table(packed.device)

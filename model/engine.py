@@ -241,18 +241,25 @@ class Engine:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_waiting: int = DEFAULT_MAX_WAITING,
     ) -> Engine:
+        # Settings that need no model are checked before the (slow) load.
+        if not 1 <= max_batch <= 64:
+            raise EngineError("The number of concurrent generations must be between 1 and 64.")
+        if max_seq_len is not None and max_seq_len < 16:
+            raise EngineError("The context length must be at least 16 tokens.")
         try:
             loaded = load_model(source, quantize=quantize, device=device, use_triton=use_triton)
         except ModelSourceError as err:
             raise EngineError(str(err)) from None
         limit = loaded.args.max_position_embeddings
-        if max_seq_len is not None and not 16 <= max_seq_len <= limit:
+        if max_seq_len is not None and max_seq_len > limit:
             raise EngineError(f"The context length must be between 16 and {limit} tokens for this model.")
-        if not 1 <= max_batch <= 64:
-            raise EngineError("The number of concurrent generations must be between 1 and 64.")
         engine = cls(loaded, max_seq_len or min(limit, 8192), use_cuda_graphs, max_batch, max_waiting)
-        for source_ in adapters:
-            engine.load_adapter(source_)
+        try:
+            for adapter in adapters:
+                engine.load_adapter(adapter)
+        except EngineError:
+            engine.close()
+            raise
         return engine
 
     def _stop_ids(self) -> frozenset[int]:

@@ -8,8 +8,9 @@ inside a CUDA graph that calls the op on enough distinct weight copies to overfl
 (--copies-mb), as a decode step does; the median replay time (triton.testing.do_bench) is
 divided by the number of calls. GB/s counts the bytes each implementation must move at least
 (each weight byte, absmax, x, y and LoRA read or written once); the fraction is against a
-device-to-device copy measured in the same run (bytes read + written). Prints the device, a
-table, and a JSON line last. --sweep also times every GEMV config the tuner would try.
+device-to-device copy measured in the same run (bytes read + written); "x ours" compares with
+the 1-row call (for the 2/4/8-row rows: how much a step grows with the batch). Prints the
+device, a table, and a JSON line last. --sweep also times every GEMV config the tuner would try.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def bench_gemv_case(bnb, copy_bw, copies_mb, sweep, name, n, k, swiglu):
     rows.append(row(name, "triton", ours, wbytes + io, copy_bw))
     lora = graph_time_us(lambda i: op(x, sets[i][0], sets[i][1], (n, k), a, b, 2.0), copies)
     rows.append(row(name, "triton +LoRA r16", lora, wbytes + io + 2 * r * (k + n), copy_bw))
+    for m in (2, 4, 8):  # decode of m sequences at once: the same weight bytes, m x the FMAs
+        xm = torch.randn(m, k, device="cuda", dtype=x_dtype)
+        us = graph_time_us(lambda i, xm=xm: op(xm, sets[i][0], sets[i][1], (n, k)), copies)
+        rows.append(row(name, f"triton {m} rows", us, wbytes + m * io, copy_bw, ours))
 
     def bnb_call(i):
         y = bnb.matmul_4bit(x, sets[i][0].t(), quant_state=sets[i][2])

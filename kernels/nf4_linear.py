@@ -24,7 +24,9 @@ combines the gate and up rows there too. All sums are fp32; y is rounded once to
 
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%; the table decode is not what limits it (a variant with no
-lookup at all ran as fast), the shared-memory/LSU pipe is (~80% busy).
+lookup at all ran as fast), the shared-memory/LSU pipe is (~80% busy). Its cost grows with the
+rows of x (8 rows: 6.3x the 1-row time), so 3-8 rows go to kernels.nf4_gemv_rows, which loads
+W and x straight into registers (8 rows: half the time of this one).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import triton
 import triton.language as tl
 
 from kernels.nf4 import decode_words, nf4_dequantize
+from kernels.nf4_gemv_rows import CONFIGS as _ROWS_CONFIGS
+from kernels.nf4_gemv_rows import launch_gemv_rows, tile_rows
 from kernels.reference import NF4_BLOCKSIZE, nf4_code_table
 from kernels.reference import swiglu as _swiglu_reference
 
@@ -59,19 +63,6 @@ def _load_x_pair(x_ptr, xrow, wcol, i: tl.constexpr, mask, X_KIND: tl.constexpr)
             lo = (p << 16).to(tl.float32, bitcast=True)
             hi = (p & -65536).to(tl.float32, bitcast=True)
     return lo, hi
-
-
-@triton.jit
-def _tile_rows(t, N_OUT, BN: tl.constexpr, SWIGLU: tl.constexpr):
-    """Output features n of tile t, and the weight rows read for them (gate n, up n + N_OUT)."""
-    n = t * BN + tl.arange(0, BN)
-    if SWIGLU:
-        rows = tl.reshape(tl.join(n, n + N_OUT), (2 * BN,))
-        rmask = tl.reshape(tl.join(n < N_OUT, n < N_OUT), (2 * BN,))
-    else:
-        rows = n
-        rmask = n < N_OUT
-    return n, rows.to(tl.int64), rmask
 
 
 @triton.jit
@@ -172,7 +163,7 @@ def _nf4_gemv_kernel(
         for it in tl.range(0, (t1 - t0) * steps, num_stages=NUM_STAGES):
             t = t0 + it // steps
             ks = it % steps
-            n, rows, rmask = _tile_rows(t, N_OUT, BN, SWIGLU)
+            n, rows, rmask = tile_rows(t, N_OUT, BN, SWIGLU)
             acc = _gemv_step(
                 acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rows, rmask, xrow, mmask,
                 ks * BKW, kw, kb, BKW, X_KIND, DECODE_SHFL,
@@ -184,7 +175,7 @@ def _nf4_gemv_kernel(
                 )  # fmt: skip
                 acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
     else:
-        n, rows, rmask = _tile_rows(pid, N_OUT, BN, SWIGLU)
+        n, rows, rmask = tile_rows(pid, N_OUT, BN, SWIGLU)
         for w0 in tl.range(0, kw, BKW, num_stages=NUM_STAGES):
             acc = _gemv_step(
                 acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rows, rmask, xrow, mmask,
@@ -239,21 +230,19 @@ def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
 
 
 # (BN, BKW, num_warps, num_stages, programs per SM; 0: one program a tile) tried at the first
-# call of each shape; more x rows get smaller tiles to stay in registers. The one-tile configs
-# are the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the
-# tuner weighs against them.
+# call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile configs are
+# the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the tuner
+# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs.
 _CONFIGS = {
     1: [(16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (16, 64, 2, 3, 0), (16, 128, 8, 3, 0),
         (8, 256, 2, 3, 0), (16, 128, 4, 3, 2), (16, 128, 4, 4, 2), (16, 256, 4, 3, 2),
         (8, 128, 4, 3, 4), (8, 128, 2, 4, 6), (16, 128, 8, 3, 2)],
     2: [(16, 128, 4, 3, 0), (8, 128, 4, 3, 0), (8, 256, 4, 3, 0), (16, 128, 4, 3, 2),
         (8, 128, 4, 3, 4)],
-    4: [(8, 128, 4, 3, 0), (16, 64, 4, 3, 0), (4, 256, 4, 3, 0), (8, 128, 4, 3, 3),
-        (4, 128, 4, 3, 6)],
-    8: [(4, 128, 4, 3, 0), (8, 64, 4, 3, 0), (2, 128, 4, 3, 0), (4, 128, 4, 3, 4),
-        (8, 64, 4, 3, 3)],
+    4: _ROWS_CONFIGS[4],
+    8: _ROWS_CONFIGS[8],
 }  # fmt: skip
-_TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
+_TUNED: dict[tuple, tuple[int, ...]] = {}
 
 
 def _interpreting() -> bool:
@@ -283,8 +272,9 @@ def _pick_config(key: tuple, n_out: int, kw: int, mp: int, launch) -> tuple[int,
     if key in _TUNED:
         return _TUNED[key]
     fits = [c for c in _CONFIGS[mp] if c[1] <= max(8, triton.next_power_of_2(kw))]
-    fits = fits or [(_CONFIGS[mp][0][0], 8, 4, 2, 0)]
-    plain = [c for c in fits if c[4] == 0] or fits
+    # the staged kernel takes a narrow K step; the rows kernel masks a wide one
+    fits = fits or [(_CONFIGS[mp][0][0], 8, 4, 2, 0) if mp <= 2 else _CONFIGS[mp][0]]
+    plain = [c for c in fits if len(c) < 5 or c[4] == 0] or fits
     default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
     if not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
         return default
@@ -348,6 +338,12 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     code = nf4_code_table(x.device)
 
     def launch(cfg):
+        if mp > 2:
+            launch_gemv_rows(
+                cfg, xv, words, scales, code, t if rank else None, b if rank else None, y, m,
+                n_out, k, lora_scale, x_kind, swiglu, _interpreting(),
+            )  # fmt: skip
+            return
         bn, bkw, warps, stages, per_sm = cfg
         _nf4_gemv_kernel[(_grid(cfg, n_out, x.device),)](
             xv, words, scales, code, t, b, y,

@@ -99,6 +99,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.nf4 import _nf4_dequantize_kernel
+from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
 
 gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
@@ -116,6 +117,14 @@ for persistent in (False, True):
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
+rows = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
+            b_ptr="*bf16", y_ptr="*bf16", M="i32", N_OUT="i32", kw="i32", kb="i32",
+            stride_xm="i32", stride_ym="i32", lora_scale="fp32")
+for rank, swiglu, even in ((16, True, True), (0, False, False)):
+    const = dict(MP=8, R=rank, RP=16, BN=2, BKW=256, X_KIND=2, SWIGLU=swiglu, DECODE_SHFL=True,
+                 EVEN_K=even)
+    triton.compile(ASTSource(_nf4_gemv_rows_kernel, rows, const),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 2, "num_stages": 1})
 """
 
 

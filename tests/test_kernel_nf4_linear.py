@@ -4,7 +4,8 @@ The oracle is the same computation in fp64 on the exactly dequantized weight. Th
 accumulates in fp32 and rounds once to x's dtype, so the tolerances are the output dtype's
 rounding (outputs are O(1): x is scaled by 1/sqrt(K)) plus fp32 sums; kernels.reference
 (which rounds W to x's dtype first) and bitsandbytes are checked against the same bounds.
-Rows 1..8 take the GEMV; 17 rows and K % 64 != 0 take the dequantize + matmul path. On CPU
+Rows 1..8 take a GEMV (1-2 rows the staged one, 3-8 rows kernels.nf4_gemv_rows); 17 rows and
+K % 64 != 0 take the dequantize + matmul path. On CPU
 everything runs under TRITON_INTERPRET=1, which decodes with a table gather instead of the
 GPU's warp shuffle (the same fp32 values); the GPU-marked tests cover the shuffle path at
 Llama sizes and inside a CUDA graph.
@@ -30,6 +31,7 @@ SHAPES = [
     (5, 123, 2),  # odd everything: K % 64 != 0, blocks cross rows (dequantize path)
     (33, 192, 3),  # N not a multiple of the tile, K = 3 blocks (24 words: a partial K tile)
     (16, 1024, 8),  # the most rows the GEMV takes
+    (40, 4096, 5),  # the rows kernel over whole K steps (no K masks), 8 row slots for 5 rows
     (12, 256, 17),  # prefill path
     (48, 4096, 1),  # a Llama-3-8B row length
 ]
@@ -123,8 +125,9 @@ def test_linear_rejects_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n, k, swiglu", [(14336, 4096, False), (4096, 14336, False), (28672, 4096, True)])
-def test_llama_shapes_on_gpu(n, k, swiglu):
-    packed, absmax, x, lora = _problem(n, k, 1, torch.bfloat16, 16, seed=5)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_llama_shapes_on_gpu(n, k, swiglu, rows):
+    packed, absmax, x, lora = _problem(n, k, rows, torch.bfloat16, 16, seed=5)
     op = gemv.nf4_linear_swiglu if swiglu else gemv.nf4_linear
     ours = op(x, packed, absmax, (n, k), *lora, lora_scale=2.0)
     want = _oracle(x, packed, absmax, (n, k), lora, 2.0, swiglu)

@@ -22,7 +22,10 @@ from model.llama import Transformer
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 256
-PREFILL_CHUNK = 512  # bounds the attention scores' memory on long prompts
+# Prompt tokens a prefill pass: bounds the attention scores' memory on long prompts. NF4 weights
+# are dequantized once a pass, so a 1,000-token prompt in 512-token chunks paid that twice
+# (H200: 75 ms to the first token against 32 ms for the bf16 model).
+PREFILL_CHUNK = 2048
 
 
 def attention_buckets(max_seq_len: int) -> list[int]:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -313,3 +316,16 @@ def assert_one_sentence(message: str) -> None:
     assert not SENTENCE_END.search(message), f"more than one sentence: {message}"
     assert "Traceback" not in message and "Error(" not in message, message
     assert len(message) < 300, message
+
+
+def compile_for_hopper(script: str) -> None:
+    """Run a script that compiles Triton kernels for sm_90, in a process without TRITON_INTERPRET.
+
+    The interpreter runs kernels as plain Python and accepts what the compiler rejects, so each
+    kernel file's tests also compile its kernels for the device's target.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -3,13 +3,9 @@ reference: SDPA with the causal mask over the cache rows."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import compile_for_hopper
 
 from kernels import reference
 from kernels.decode_attention import SPLIT_TOKENS, decode_attention
@@ -79,10 +75,4 @@ triton.compile(ASTSource(_merge_splits_kernel, merge, const), target=target, opt
 
 def test_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_CHECK], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    compile_for_hopper(_COMPILE_CHECK)

@@ -7,15 +7,14 @@ so there each value may be one bf16 ulp (2^-7 relative) off; on the GPU bf16 is 
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import compile_for_hopper  # noqa: E402
 
 from kernels import reference  # noqa: E402
 from kernels.nf4 import nf4_dequantize  # noqa: E402
@@ -130,10 +129,4 @@ for rank, swiglu, even in ((16, True, True), (0, False, False)):
 
 def test_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_CHECK], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    compile_for_hopper(_COMPILE_CHECK)

@@ -139,16 +139,26 @@ class Scheduler:
             if request.cancel.cancelled:
                 request.out.put((None, "cancelled", time.perf_counter()))
                 continue
-            seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            if request.repetition_penalty != 1.0:
-                self.seen[slot] = False
-                self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
-            self.use_adapter(request.adapter)
-            logits = self.runner.prefill(request.ids, slot)
-            row = Row(request, slot, len(request.ids), 0, 0, generator)
-            self.rows[slot] = row
-            self.emit(row, int(self.pick(row, logits[0])))
+            try:
+                self.start(request, slot)
+            except Exception as err:  # this request fails alone; the running rows go on
+                log.exception("Prefill failed")
+                self.rows.pop(slot, None)
+                message = f"Generation failed ({err.__class__.__name__}); please try again."
+                request.out.put((None, "error:" + message, time.perf_counter()))
+
+    def start(self, request: Request, slot: int) -> None:
+        """Prefill a request into `slot` and hand it its first token."""
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        if request.repetition_penalty != 1.0:
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
+        self.use_adapter(request.adapter)
+        logits = self.runner.prefill(request.ids, slot)
+        row = Row(request, slot, len(request.ids), 0, 0, generator)
+        self.rows[slot] = row
+        self.emit(row, int(self.pick(row, logits[0])))
 
     def use_adapter(self, adapter: str | None) -> None:
         if adapter != self.adapter:

@@ -290,3 +290,19 @@ def test_repetition_penalty_matches_hf_generate(engine):
         engine.generate_ids(ids, GenerationSettings(temperature=0, max_new_tokens=24, ignore_eos=True))
     )
     assert plain[2] != ours  # the penalty changed the answer, so the comparison means something
+
+
+def test_a_failed_prefill_fails_its_request_alone(engine, monkeypatch):
+    """An exception inside the worker ends that request with one sentence; the worker lives on."""
+    prefill = engine.runner.prefill
+
+    def broken(ids, slot=0):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(engine.runner, "prefill", broken)
+    with pytest.raises(EngineError, match="Generation failed"):
+        run(engine.chat([{"role": "user", "content": "Hello"}], GREEDY))
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    settings = GenerationSettings(temperature=0, max_new_tokens=4)
+    _, events, ids = run(engine.chat([{"role": "user", "content": "Hello"}], settings))
+    assert events[-1].done and len(ids) == 4

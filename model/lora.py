@@ -38,22 +38,26 @@ class AdapterError(ValueError):
 
 def adapter_files(source: str) -> tuple[Path, Path]:
     """(adapter_config.json, adapter_model.safetensors) from a local folder or a hub repo."""
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise AdapterError(f"No adapter folder at '{source}', and it is not a hub id (owner/name).")
-        from model.loader import ModelSourceError, download
+    from model.loader import ModelSourceError, download, local_folder, looks_local, shown
 
+    if not isinstance(source, str) or not source.strip():
+        raise AdapterError("Name an adapter by its local folder or hub id (owner/name).")
+    folder = local_folder(source)
+    if folder is None:
+        if looks_local(source):
+            raise AdapterError(
+                f"No adapter folder at '{shown(source)}', and it is not a hub id (owner/name)."
+            )
         try:
             folder = download(source)
         except ModelSourceError as err:
             raise AdapterError(str(err)) from None
     config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config.is_file():
-        raise AdapterError(f"'{source}' is not a PEFT adapter: it has no adapter_config.json.")
+        raise AdapterError(f"'{shown(source)}' is not a PEFT adapter: it has no adapter_config.json.")
     if not weights.is_file():
         raise AdapterError(
-            f"'{source}' has no adapter_model.safetensors (pickled .bin adapters are not read)."
+            f"'{shown(source)}' has no adapter_model.safetensors (pickled .bin adapters are not read)."
         )
     return config, weights
 
@@ -72,19 +76,48 @@ def module_scale(config: dict, module: str) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def read_adapter(source: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path, weights_path = adapter_files(source)
-    from safetensors.torch import load_file
+def positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError:
-        raise AdapterError(f"'{source}' has an adapter_config.json that is not valid JSON.") from None
+
+def check_config(config, source: str) -> dict:
+    """adapter_config.json's values that the scales are computed from, checked."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"'{source}' has an adapter_config.json that is not a JSON object.")
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise AdapterError("Only plain LoRA adapters are supported (not DoRA or other PEFT types).")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise AdapterError("Adapters that train biases or whole modules (modules_to_save) are not supported.")
-    return config, load_file(str(weights_path))
+    patterns = [config.get(k) or {} for k in ("rank_pattern", "alpha_pattern")]
+    if not all(isinstance(p, dict) for p in patterns):
+        raise AdapterError(f"'{source}' has a rank_pattern or alpha_pattern that is not a mapping.")
+    values = [config.get("r"), config.get("lora_alpha"), *patterns[0].values(), *patterns[1].values()]
+    if not all(positive(v) for v in values):
+        raise AdapterError(f"'{source}' needs positive numbers for r and lora_alpha in adapter_config.json.")
+    return config
+
+
+def read_adapter(source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked config and the tensors of an adapter. The weights are read with safetensors,
+    which holds plain arrays, never with torch.load: a pickle can run code when it is read."""
+    config_path, weights_path = adapter_files(source)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.loader import shown
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise AdapterError(f"'{shown(source)}' has an adapter_config.json that is not valid JSON.") from None
+    config = check_config(config, shown(source))
+    try:
+        tensors = load_file(str(weights_path))
+    except (OSError, SafetensorError):
+        raise AdapterError(
+            f"'{shown(source)}' has an adapter_model.safetensors that is not a valid safetensors file."
+        ) from None
+    return config, tensors
 
 
 def build_adapter(model: Transformer, source: str) -> Adapter:
@@ -92,9 +125,11 @@ def build_adapter(model: Transformer, source: str) -> Adapter:
     config, tensors = read_adapter(source)
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        m = KEY.match(name)
+        m = KEY.fullmatch(name)
         if m is None or int(m.group(1)) >= model.args.n_layers:
-            raise AdapterError(f"The adapter tensor '{name}' has no place in this model.")
+            raise AdapterError(f"The adapter tensor '{name[:100]}' has no place in this model.")
+        if tensor.ndim != 2 or not tensor.is_floating_point():
+            raise AdapterError(f"The adapter tensor '{name}' is not a matrix of floating-point numbers.")
         found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     args = model.args
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim

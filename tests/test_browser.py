@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gradio_client import Client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from safetensors.torch import save_file
 
@@ -220,3 +221,72 @@ def test_model_panel_loads_an_adapter_and_chats_with_it(page, tmp_path):
     page.get_by_role("button", name="Load adapter").click()
     expect(page.locator(".toast-body").filter(has_text="No adapter folder")).to_be_visible(timeout=30_000)
     expect(page.locator("#adapter input")).to_have_value(adapter)
+
+
+def test_a_script_in_a_message_shows_as_text_and_never_runs(page):
+    script = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & <b>tags</b>'
+    set_number(page, "max-new-tokens", 4)
+    send(page, script)
+    wait_for_reply(page, 1)
+
+    user = page.locator("#chatbot [data-testid=user]").first
+    assert script in user.inner_text()
+    assert user.locator("script, img, b").count() == 0
+    assert page.evaluate("() => window.__pwned") is None
+
+
+FREED_WITHIN_S = 5.0  # the engine stops within a decode step; the rest is polling over HTTP
+
+
+def test_closing_the_tab_ends_its_generation(browser, app_server):
+    """The page's unload (and Gradio's dropped streams) cancel its generation: the engine is
+    idle again at once, though the reply had hundreds of tokens to go."""
+    client = Client(app_server.url, verbose=False)
+    active_generations = lambda: client.predict(api_name="/model_info")["active_generations"]  # noqa: E731
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(app_server.url)
+    page.locator("#message textarea").wait_for()
+    set_number(page, "temperature", 0)
+    set_number(page, "max-new-tokens", 900)
+    send(page, "Write a long essay about the history of the Roman Empire, century by century.")
+    expect(page.locator("#chatbot .tok-stats.live")).to_contain_text("tok/s", timeout=GENERATION_TIMEOUT_MS)
+    assert active_generations() == 1
+
+    context.close()  # the tab, and every connection it held, is gone
+    start = time.monotonic()
+    while active_generations():
+        assert time.monotonic() - start < FREED_WITHIN_S, "the generation went on for a closed tab"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stand_in_app", [["--queue-size", "1"]], indirect=True)
+def test_a_full_queue_shows_busy_and_a_waiting_user_their_place(browser, stand_in_app):
+    """One slot and room for one in line: the second user sees their place, the third is told
+    the app is busy (and keeps the message), and the first two replies arrive once freed."""
+    url, engine = stand_in_app
+    contexts = [browser.new_context() for _ in range(3)]
+    pages = [context.new_page() for context in contexts]
+    try:
+        for page in pages:
+            page.goto(url)
+            page.locator("#message textarea").wait_for()
+        send(pages[0], "first")
+        expect(pages[0].locator("#chatbot .tok-stats.live")).to_have_count(1, timeout=30_000)
+        send(pages[1], "second")
+        place = pages[1].locator("#chatbot").get_by_text(re.compile(r"queue: 1/1"))
+        expect(place).to_be_visible(timeout=30_000)
+
+        send(pages[2], "third")
+        busy = pages[2].locator(".toast-body").filter(has_text="busy")
+        expect(busy).to_be_visible(timeout=30_000)
+        expect(pages[2].locator("#message textarea")).to_have_value("third")
+        assert engine.started == 1
+
+        engine.release.set()
+        for page in pages[:2]:
+            expect(page.locator("#chatbot .tok-stats:not(.live)")).to_have_count(1, timeout=30_000)
+            expect(replies(page).first).to_have_text("done")
+    finally:
+        for context in contexts:
+            context.close()

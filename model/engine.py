@@ -140,6 +140,17 @@ class CancelToken:
         return self._event.is_set()
 
 
+def check_text(*texts) -> None:
+    """Every prompt text must be a str that UTF-8 can encode (no lone surrogates)."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise EngineError("Messages must be text.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EngineError("Your message contains characters that are not valid Unicode.") from None
+
+
 class EventStream(Iterator[GenerationEvent]):
     """A generation's events. Closing it, or dropping it unread, cancels the generation, even
     before the first event (a bare generator would not run its cleanup then)."""
@@ -331,6 +342,7 @@ class Engine:
             raise EngineError("Please type a message first.")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise EngineError("This model has no chat template; use the Instruct tab instead.")
+        check_text(system_prompt or "", *(m.get("content") for m in messages))
         ids, trimmed = self._fit_chat(messages, system_prompt, settings.max_new_tokens)
         return self._run(ids, settings, adapter, cancel, trimmed)
 
@@ -344,6 +356,7 @@ class Engine:
         cancel: CancelToken | None = None,
     ) -> Iterator[GenerationEvent]:
         settings = settings.validated()
+        check_text(instruction, input)
         if not instruction.strip():
             raise EngineError("Please write an instruction first.")
         ids = prompts.alpaca_prompt_ids(self.tokenizer, instruction, input)
@@ -360,17 +373,37 @@ class Engine:
     def _fit_chat(
         self, messages: list[dict], system_prompt: str | None, max_new: int
     ) -> tuple[list[int], int]:
-        """Prompt ids, dropping the oldest turns until max_new tokens fit after them."""
-        turns = list(messages)
-        trimmed = 0
-        while True:
-            ids = prompts.chat_prompt_ids(self.tokenizer, prompts.chat_messages(turns, system_prompt))
-            if len(ids) + max_new <= self.max_seq_len or len(turns) == 1:
-                break
-            drop = 2 if len(turns) > 2 and turns[1].get("role") == "assistant" else 1
-            turns, trimmed = turns[drop:], trimmed + 1
+        """Prompt ids after dropping the fewest oldest turns that let max_new tokens fit.
+
+        A turn is a user message with the assistant reply after it. Dropping more turns never
+        makes the prompt longer, so a binary search over how many to drop needs O(log n)
+        renders of the template instead of one per dropped turn.
+        """
+        starts = [0]  # where the kept conversation may begin: after each whole turn
+        i = 0
+        while i + 2 < len(messages) and messages[i + 1].get("role") == "assistant":
+            i += 2
+            starts.append(i)
+        if len(messages) > 1 and starts[-1] != len(messages) - 1:
+            starts.append(len(messages) - 1)  # at worst the newest message alone
+
+        def render(k: int) -> list[int]:
+            return prompts.chat_prompt_ids(
+                self.tokenizer, prompts.chat_messages(messages[starts[k] :], system_prompt)
+            )
+
+        lo, hi = 0, len(starts) - 1
+        found = {}
+        while lo < hi:  # the fewest turns dropped such that the prompt fits
+            mid = (lo + hi) // 2
+            found[mid] = render(mid)
+            if len(found[mid]) + max_new <= self.max_seq_len:
+                hi = mid
+            else:
+                lo = mid + 1
+        ids = found[lo] if lo in found else render(lo)
         self._check_fits(len(ids), "Your message is")
-        return ids, trimmed
+        return ids, lo
 
     def generate_ids(
         self,
@@ -401,8 +434,9 @@ class Engine:
         try:
             self.scheduler.submit(request)
         except BusyError as err:
+            waiting = f"{err.args[0]} requests are" if err.args[0] != 1 else "1 request is"
             raise EngineError(
-                f"The server is busy ({err.args[0]} requests are waiting); please try again in a moment."
+                f"The server is busy ({waiting} waiting); please try again in a moment."
             ) from None
         return EventStream(self._events(request, settings, start, trimmed), request.cancel)
 

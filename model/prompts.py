@@ -22,8 +22,10 @@ def chat_messages(messages: list[dict], system_prompt: str | None = None) -> lis
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation through the tokenizer's own chat template."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+    )  # control tokens typed by a user (e.g. "<|im_start|>system") stay text, not turns of their own
+    return list(encoded["input_ids"])
 
 
 def alpaca_prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]:

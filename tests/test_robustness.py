@@ -12,8 +12,9 @@ Three kinds of server, each where it tells the truth most cheaply:
   so a full queue and a login wall are deterministic.
 - A tiny random Llama (tests/helpers.py) for adapters, model sources and the engine's own lines.
 
-Tests marked xfail(strict=True) at the end show engine/prompt changes this issue needs and
-that are not the app's to make; each names its fix and fails loudly (XPASS) once it is made.
+The tests at the end pin engine/prompt behaviour this issue needed: lone surrogates refused in
+one sentence, long histories trimmed in O(log n) renders, control tokens typed by a user kept
+as text.
 """
 
 from __future__ import annotations
@@ -790,25 +791,14 @@ def test_auth_from_the_environment_is_the_same_flag(monkeypatch):
     assert app.parse_args([]).auth == ("ada", "s3cret")
 
 
-# --------------------------------------------------------------------------- engine changes needed
+# --------------------------------------------------------------------------- engine and prompts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: Engine.chat/instruct should refuse text that cannot be encoded with an "
-    "EngineError (the app cleans it first; other callers get the tokenizer's TypeError)",
-)
 def test_the_engine_refuses_a_lone_surrogate_in_one_sentence(tiny_engine):
     with pytest.raises(EngineError):
         tiny_engine.chat([{"role": "user", "content": "hello \ud800"}], TINY_SETTINGS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: Engine._fit_chat renders and tokenizes the whole chat once per dropped turn, "
-    "quadratic in the history an API client sends (200 turns of 2,000 characters: 21 s of CPU); "
-    "a binary search over the number of dropped turns needs O(log n) renders",
-)
 def test_trimming_a_long_history_takes_few_renders(tiny_engine, monkeypatch):
     calls = []
     render = prompts.chat_prompt_ids
@@ -823,11 +813,6 @@ def test_trimming_a_long_history_takes_few_renders(tiny_engine, monkeypatch):
     assert len(calls) <= 2 * 8 + 2, f"{len(calls)} renders for 128 turns"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prompts: chat_prompt_ids tokenizes the rendered chat with special tokens parsed, so a "
-    "user who types '<|im_end|>' or '<|im_start|>system' writes turns of their own",
-)
 def test_special_tokens_typed_by_a_user_stay_text(tiny_engine):
     tokenizer = tiny_engine.tokenizer
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")

@@ -76,7 +76,8 @@ class Attention(nn.Module):
         positions: torch.Tensor,  # (B, T)
         slots: torch.Tensor | None,  # (B,) cache rows, or None for rows 0..B-1
         rows: torch.Tensor,  # (B, 1) the same rows as an index, made once per forward
-        mask: torch.Tensor,  # (B, 1, T, L)
+        attn_len: int,  # attend to cache positions [0, attn_len)
+        mask: torch.Tensor | None,  # (B, 1, T, L) for prefill; None for decode (its kernel masks)
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
@@ -84,7 +85,6 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q = self.ops.rope_kv_cache(q, k, v, cos, sin, self.k_cache, self.v_cache, rows, positions)
-        attn_len = mask.shape[-1]
         if seqlen == 1:  # decode: one fused kernel on CUDA
             out = self.ops.decode_attention(q, self.k_cache, self.v_cache, positions, slots, attn_len)
             return self.wo(out)
@@ -116,10 +116,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops, dtype)
 
-    def forward(self, x, residual, cos, sin, positions, slots, rows, mask):
+    def forward(self, x, residual, cos, sin, positions, slots, rows, attn_len, mask):
         """Returns (the block's output, the residual stream before it is added)."""
         h, residual = self.attention_norm(x, residual)
-        h = self.attention(h, cos, sin, positions, slots, rows, mask)
+        h = self.attention(h, cos, sin, positions, slots, rows, attn_len, mask)
         h, residual = self.ffn_norm(h, residual)
         return self.feed_forward(h), residual
 
@@ -170,12 +170,14 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, 1, V) for the last token of each row, or (B, T, V)."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        key_pos = torch.arange(attn_len, device=tokens.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        mask = None  # decode: decode_attention masks by each row's position itself
+        if tokens.shape[1] > 1:
+            key_pos = torch.arange(attn_len, device=tokens.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
         rows = (torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots)[:, None]
         x, residual = self.tok_embeddings(tokens), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, positions, slots, rows, mask)
+            x, residual = layer(x, residual, cos, sin, positions, slots, rows, attn_len, mask)
         x, _ = self.norm(x, residual)
         if last_only:
             x = x[:, -1:]

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 SPLIT_TOKENS = 512  # keys per program before the work is split (decode at 8k: 16 splits)
 
 
@@ -46,10 +48,13 @@ def _decode_attention_kernel(
     SPLITS: tl.constexpr,  # programs per (sequence, KV head)
     SPLIT_LEN: tl.constexpr,  # keys per split
     PRECISION: tl.constexpr,  # "ieee" for an fp32 cache; "tf32" for 16-bit ones (exact for fp16 inputs)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
+    pdl.wait(PDL)
+    pdl.release(PDL)
     n = tl.load(pos_ptr + b) + 1
     row = tl.load(rows_ptr + b)
     g = tl.arange(0, BLOCK_G)
@@ -98,9 +103,12 @@ def _merge_splits_kernel(
     BH,  # B * Hq: distance between splits, in (sequence, head) pairs
     D: tl.constexpr,  # head dim
     SPLITS: tl.constexpr,  # number of splits
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     bh = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)
+    pdl.wait(PDL)
+    pdl.release(PDL)
     m = tl.full((1,), float("-inf"), tl.float32)
     for i in tl.static_range(SPLITS):
         m = tl.maximum(m, tl.load(ml_ptr + (i * BH + bh) * 2 + tl.arange(0, 1)))
@@ -121,13 +129,20 @@ def decode_attention(
     positions: torch.Tensor,  # (B, 1) position of each new token
     slots: torch.Tensor | None,  # (B,) cache rows, or None for rows 0..B-1
     attn_len: int,  # a bound on positions + 1 (sets the number of splits)
+    rows: torch.Tensor | None = None,  # (B, 1) or (B,) int64 cache rows, made once a step by the model
 ) -> torch.Tensor:
-    """(B, 1, Hq * D) attention output; matches kernels.reference.decode_attention."""
+    """(B, 1, Hq * D) attention output; matches kernels.reference.decode_attention.
+
+    `rows` spares the per-call index tensor (one launch a layer) when the caller has it already;
+    without it the rows are `slots`, or 0..B-1.
+    """
     bsz, _, hq, d = q.shape
     hk = k_cache.shape[1]
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or d & (d - 1):
         raise ValueError("decode_attention needs like-strided caches and a power-of-two head dim.")
-    rows = torch.arange(bsz, device=q.device) if slots is None else slots.reshape(bsz)
+    if rows is None:
+        rows = torch.arange(bsz, device=q.device) if slots is None else slots
+    rows = rows.reshape(bsz)
     q = q.reshape(bsz, hq, d).contiguous()
     pos = positions.reshape(bsz).contiguous()
     out = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
@@ -139,14 +154,17 @@ def decode_attention(
         part = torch.empty(splits, bsz, hq, d, dtype=torch.float32, device=q.device)
         ml = torch.empty(splits, bsz, hq, 2, dtype=torch.float32, device=q.device)
     group = hq // hk
+    use_pdl = pdl.pdl_enabled(q.device)
     scale = (1.0 / math.sqrt(d)) * 1.4426950408889634  # log2(e): the kernel uses exp2
     _decode_attention_kernel[(bsz, hk, splits)](
         q, k_cache, v_cache, pos, rows, part, ml,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bsz, scale,
         HQ=hq, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=64,
         SPLITS=splits, SPLIT_LEN=split_len, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
     )  # fmt: skip
     if splits > 1:
-        _merge_splits_kernel[(bsz * hq,)](part, ml, out, bsz * hq, D=d, SPLITS=splits, num_warps=1)
+        _merge_splits_kernel[(bsz * hq,)](
+            part, ml, out, bsz * hq, D=d, SPLITS=splits, PDL=use_pdl, num_warps=1, launch_pdl=use_pdl
+        )
     return out.reshape(bsz, 1, hq * d)

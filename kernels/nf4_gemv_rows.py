@@ -22,6 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.nf4 import decode_words
 
 
@@ -114,8 +115,12 @@ def _nf4_gemv_rows_kernel(
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
     DECODE_SHFL: tl.constexpr,  # shuffle decode and PRMT transpose (GPU) or plain ops (interpreter)
     EVEN_K: tl.constexpr,  # kw % BKW == 0: no K masks
+    PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
 ):
     RB: tl.constexpr = BN * (1 + SWIGLU)
+    pdl.release(PDL)  # as kernels.nf4_linear's GEMV: with LoRA only t waits (kernels/pdl.py)
+    if R == 0:
+        pdl.wait(PDL)
     n, rows, rmask = tile_rows(tl.program_id(0), N_OUT, BN, SWIGLU)
     wrow = (rows * kw)[None, :, None]
     srow = (rows * kb)[None, :, None]
@@ -156,6 +161,7 @@ def _nf4_gemv_rows_kernel(
         acc += tl.sum(tl.reshape(s, (BKW // 4, 4, RB, MP)), axis=1) * scale
     y = tl.sum(acc, axis=0)  # (RB, MP)
     if R > 0:
+        pdl.wait(PDL)
         j = tl.arange(0, RP)
         tmask = (j < R)[:, None] & (xm < M)[None, :]
         t = tl.load(t_ptr + xm[None, :] * R + j[:, None], mask=tmask, other=0.0)
@@ -178,7 +184,22 @@ CONFIGS = {
 
 
 def launch_gemv_rows(
-    cfg, xv, words, scales, code, t, b, y, m, n_out, k, lora_scale, x_kind, swiglu, interpret
+    cfg,
+    xv,
+    words,
+    scales,
+    code,
+    t,
+    b,
+    y,
+    m,
+    n_out,
+    k,
+    lora_scale,
+    x_kind,
+    swiglu,
+    interpret,
+    use_pdl=False,
 ):
     """One launch of the kernel above for config cfg; argument meanings as in the kernel."""
     rb, bkw, warps = cfg
@@ -190,5 +211,5 @@ def launch_gemv_rows(
         m, n_out, kw, k // 64, xv.stride(0), y.stride(0), float(lora_scale),
         MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn,
         BKW=bkw, X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not interpret, EVEN_K=kw % bkw == 0,
-        num_warps=warps, num_stages=1,
+        PDL=use_pdl, num_warps=warps, num_stages=1, launch_pdl=use_pdl,
     )  # fmt: skip

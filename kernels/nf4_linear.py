@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.nf4 import decode_words, nf4_dequantize
 from kernels.nf4_gemv_rows import CONFIGS as _ROWS_CONFIGS
 from kernels.nf4_gemv_rows import launch_gemv_rows, tile_rows
@@ -103,9 +104,11 @@ def _gemv_step(
 def _gemv_epilogue(
     acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT, lora_scale,
     MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """y[:, n] = sum over words of acc, + lora_scale * t B^T, SwiGLU-combined, in y's dtype."""
     y = tl.sum(acc, axis=2)  # (MP, RB)
+    pdl.wait(PDL)  # t comes from the kernel just before
     if R > 0:
         j = tl.arange(0, RP)
         t = tl.load(t_ptr + xm[:, None] * R + j[None, :], mask=mmask & (j < R)[None, :], other=0.0)
@@ -145,9 +148,15 @@ def _nf4_gemv_kernel(
     DECODE_SHFL: tl.constexpr,  # shuffle decode (GPU) or table gather (interpreter)
     NUM_STAGES: tl.constexpr,  # software pipeline depth of the loop
     PERSISTENT: tl.constexpr,  # a program walks a range of tiles in one pipelined loop
+    PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
 ):
     RB: tl.constexpr = BN * (1 + SWIGLU)
     pid = tl.program_id(0)
+    # With LoRA the down-projection runs just before and has read x after its own wait: the
+    # weight stream starts now, alongside it, and waits only for t (kernels/pdl.py, rule 2).
+    pdl.release(PDL)
+    if R == 0:
+        pdl.wait(PDL)
     xm = tl.arange(0, MP)
     xrow = (xm * stride_xm)[:, None]
     yrow = (xm * stride_ym)[:, None]
@@ -171,9 +180,10 @@ def _nf4_gemv_kernel(
             if ks == steps - 1:
                 _gemv_epilogue(
                     acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT,
-                    lora_scale, MP, R, RP, BN, SWIGLU,
+                    lora_scale, MP, R, RP, BN, SWIGLU, PDL,
                 )  # fmt: skip
                 acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
+        pdl.wait(PDL)  # every program waits, even one without a tile (kernels/pdl.py, rule 1)
     else:
         n, rows, rmask = tile_rows(pid, N_OUT, BN, SWIGLU)
         for w0 in tl.range(0, kw, BKW, num_stages=NUM_STAGES):
@@ -183,7 +193,7 @@ def _nf4_gemv_kernel(
             )  # fmt: skip
         _gemv_epilogue(
             acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT, lora_scale,
-            MP, R, RP, BN, SWIGLU,
+            MP, R, RP, BN, SWIGLU, PDL,
         )  # fmt: skip
 
 
@@ -198,9 +208,12 @@ def _lora_down_kernel(
     stride_xm,  # elements between rows of x
     MP: tl.constexpr,  # M rounded up to a power of two
     BLOCK_K: tl.constexpr,  # K elements a loop step
+    PDL: tl.constexpr,  # programmatic dependent launch: releases the GEMV once x is ready
 ):
     """t[:, j] = x A[j]^T for one rank index j a program, fp32 sums (as cuBLAS does)."""
     j = tl.program_id(0)
+    pdl.wait(PDL)
+    pdl.release(PDL)
     xm = tl.arange(0, MP)
     acc = tl.zeros((MP, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -213,7 +226,7 @@ def _lora_down_kernel(
     tl.store(t_ptr + xm * R + j, t.to(t_ptr.dtype.element_ty), mask=xm < M)
 
 
-def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor, use_pdl: bool) -> torch.Tensor:
     """x2 A^T in x's dtype, fp32 sums: one launch of r tiny programs.
 
     With cuBLAS here (F.linear) LoRA added 6-7 us a call inside a graph (bench/NOTES.md),
@@ -223,9 +236,11 @@ def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     rank = lora_a.shape[0]
     t = torch.empty((m, rank), dtype=x2.dtype, device=x2.device)
     mp = triton.next_power_of_2(m)
+    lora_a = lora_a.contiguous()
     _lora_down_kernel[(rank,)](
-        x2, lora_a.contiguous(), t, m, k, rank, x2.stride(0), MP=mp, BLOCK_K=max(64, 2048 // mp)
-    )
+        x2, lora_a, t, m, k, rank, x2.stride(0), MP=mp, BLOCK_K=max(64, 2048 // mp), PDL=use_pdl,
+        launch_pdl=use_pdl,
+    )  # fmt: skip
     return t
 
 
@@ -331,17 +346,19 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     words = packed.reshape(-1).view(torch.int32)  # little-endian: byte i of a word is bits 8i..8i+7
     scales = absmax.reshape(-1).float().contiguous()
     rank = 0 if lora_a is None else lora_a.shape[0]
-    t = _lora_down(x2, lora_a) if rank else scales
     b = lora_b.contiguous() if rank else scales
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     mp = triton.next_power_of_2(m)
     code = nf4_code_table(x.device)
+    use_pdl = pdl.pdl_enabled(x.device)
+    # The down-projection launches last, right before the GEMV, which reads x while it runs.
+    t = _lora_down(x2, lora_a, use_pdl) if rank else scales
 
     def launch(cfg):
         if mp > 2:
             launch_gemv_rows(
                 cfg, xv, words, scales, code, t if rank else None, b if rank else None, y, m,
-                n_out, k, lora_scale, x_kind, swiglu, _interpreting(),
+                n_out, k, lora_scale, x_kind, swiglu, _interpreting(), use_pdl,
             )  # fmt: skip
             return
         bn, bkw, warps, stages, per_sm = cfg
@@ -350,7 +367,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
             m, n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0), y.stride(0), float(lora_scale),
             MP=mp, R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn, BKW=bkw,
             X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not _interpreting(),
-            NUM_STAGES=stages, PERSISTENT=per_sm > 0, num_warps=warps,
+            NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
+            launch_pdl=use_pdl,
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)

@@ -102,11 +102,14 @@ def decode_attention(
     positions: torch.Tensor,
     slots: torch.Tensor | None,
     attn_len: int,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its cache rows, as the model's prefill path.
 
     q: (B, 1, Hq, D); caches (slots, Hk, S, D); positions (B, 1); slots (B,) cache rows or None
     for rows 0..B-1; keys beyond each token's position are masked. Returns (B, 1, Hq * D).
+    `rows` (the same rows as an index) is the kernel's; here slots decides, so rows 0..B-1 stay
+    views of the cache.
     """
     bsz = q.shape[0]
     if slots is None:

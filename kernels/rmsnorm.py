@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rms_norm_forward_kernel(
@@ -45,10 +47,13 @@ def _rms_norm_forward_kernel(
     HAS_RESIDUAL: tl.constexpr,  # fuse the residual add in front
     STORE_RSTD: tl.constexpr,  # whether a backward will follow
     BLOCK_N: tl.constexpr,  # power of two >= N: a whole row lives in registers
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
+    pdl.wait(PDL)
+    pdl.release(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -137,11 +142,12 @@ def rms_norm_forward(
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device) if store_rstd else None
     if x2.shape[0] > 0:
         block, warps = _block_and_warps(n)
+        use_pdl = pdl.pdl_enabled(x.device)
         _rms_norm_forward_kernel[(x2.shape[0],)](
             x2, r2, s, weight.contiguous(), y, rstd if store_rstd else y,
             x2.stride(0), r2.stride(0), n, eps,
             HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd,
-            BLOCK_N=block, num_warps=warps,
+            BLOCK_N=block, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
         )  # fmt: skip
     return y.view(shape), s.view(shape) if residual is not None else x, rstd
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rotate_heads(
@@ -90,10 +92,13 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,  # power of two >= HALF
     BACKWARD: tl.constexpr,  # rotate by the opposite angle (the gradient)
     CACHE: tl.constexpr,  # write k and v into a KV cache at (rows[b], pos[b, t]) instead of (b, t)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
+    pdl.wait(PDL)
+    pdl.release(PDL)
     b_out, t_out = b, t
     if CACHE:
         b_out = tl.load(rows_ptr + b)
@@ -170,6 +175,7 @@ def rope_forward(
         # Tiles of up to 32 x 64 per half (Llama-3-8B's queries) need no more than 4 warps to
         # keep each thread at 16 values a half; larger tiles get 8.
         warps = 8 if triton.next_power_of_2(hq) * triton.next_power_of_2(half) > 2048 else 4
+        use_pdl = pdl.pdl_enabled(q.device)
         _rope_kernel[(bsz * seq,)](
             q, k, q_out, k_out, cos, sin, seq,
             q.stride(0), q.stride(1), q.stride(2),
@@ -181,7 +187,7 @@ def rope_forward(
             HQ=hq, HK=hk, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
             BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward, CACHE=cache is not None,
-            num_warps=warps,
+            PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
             # Left on, fp fusion turns `round(x1*c) - round(x2*s)` into one fma that skips the
             # second rounding (seen in the sm_90 PTX: fma.rn.bf16), and the result drifts from
             # transformers'. Off, it is mul.rn + sub.rn, exactly torch's separate kernels.

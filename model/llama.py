@@ -86,7 +86,7 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q = self.ops.rope_kv_cache(q, k, v, cos, sin, self.k_cache, self.v_cache, rows, positions)
         if seqlen == 1:  # decode: one fused kernel on CUDA
-            out = self.ops.decode_attention(q, self.k_cache, self.v_cache, positions, slots, attn_len)
+            out = self.ops.decode_attention(q, self.k_cache, self.v_cache, positions, slots, attn_len, rows)
             return self.wo(out)
         if slots is None:  # rows 0..B-1: views, no copy of the cache
             keys, values = self.k_cache[:bsz, :, :attn_len], self.v_cache[:bsz, :, :attn_len]

@@ -35,13 +35,13 @@ def greedy(engine, prompt: list[int]) -> list[int]:
     return [t for event in events for t in event.token_ids]
 
 
-def load(folder, adapter, graphs: bool, triton: bool = True):
+def load(folder, adapter, graphs: bool, triton: bool = True, max_batch: int = 4):
     from model import lora
     from model.engine import Engine
 
     engine = Engine.load(
         str(folder), adapters=[str(adapter)], quantize="nf4", device="cuda", max_seq_len=512,
-        use_cuda_graphs=graphs, use_triton=triton,
+        use_cuda_graphs=graphs, use_triton=triton, max_batch=max_batch,
     )  # fmt: skip
     lora.activate(engine.model, engine.adapter_weights[str(adapter)])
     return engine
@@ -97,3 +97,29 @@ def test_matches_hf_bnb_peft(checkpoint):
     generated = greedy(ours, prompt)
     first_tie = int(torch.nonzero(~clear).flatten()[0]) if (~clear).any() else NEW_TOKENS
     assert generated[:first_tie] == sequence[len(prompt) : len(prompt) + first_tie]
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_pdl_changes_no_logit(checkpoint, graphs, monkeypatch):
+    """Programmatic dependent launch overlaps kernels (kernels/pdl.py); the logits of decode
+    steps of 1, 2, 4 and 8 rows must be bit-identical with it on and off."""
+    from model.runner import GraphRunner, Runner
+
+    folder, adapter = checkpoint
+    results = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("KERNELS_PDL", on)
+        engine = load(folder, adapter, graphs=False, max_batch=8)
+        runner = GraphRunner(engine.model) if graphs else Runner(engine.model)
+        name = engine.adapters()[0]
+        runner.prefill(list(range(100, 160)))
+        for slot in range(1, 8):
+            runner.prefill(list(range(100 + slot, 150 + slot)), slot=slot)
+        steps = []
+        for rows in (1, 2, 4, 8):
+            tokens = [(7 * r + rows) % 500 + 1 for r in range(rows)]
+            positions = [60 + r for r in range(rows)]
+            steps.append(runner.decode(tokens, positions, adapter=name)[:rows].clone())
+        results[on] = steps
+    for with_pdl, without in zip(results["1"], results["0"]):
+        assert torch.equal(with_pdl, without)

@@ -64,11 +64,12 @@ target = GPUTarget("cuda", 90, 32)
 sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", rows_ptr="*i64", o_ptr="*bf16",
            ml_ptr="*fp32", s_row="i64", s_head="i64", s_pos="i64", B="i32", scale="fp32")
 for splits in (1, 4):
-    const = dict(HQ=32, G=4, BLOCK_G=16, D=128, BLOCK_N=64, SPLITS=splits, SPLIT_LEN=512, PRECISION="tf32")
+    const = dict(HQ=32, G=4, BLOCK_G=16, D=128, BLOCK_N=64, SPLITS=splits, SPLIT_LEN=512, PRECISION="tf32",
+                 PDL=True)
     sig["o_ptr"] = "*bf16" if splits == 1 else "*fp32"
     triton.compile(ASTSource(_decode_attention_kernel, sig, const), target=target, options={"num_warps": 4})
 merge = dict(part_ptr="*fp32", ml_ptr="*fp32", o_ptr="*bf16", BH="i32")
-const = dict(D=128, SPLITS=4)
+const = dict(D=128, SPLITS=4, PDL=True)
 triton.compile(ASTSource(_merge_splits_kernel, merge, const), target=target, options={"num_warps": 1})
 """
 

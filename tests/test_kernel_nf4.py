@@ -108,11 +108,12 @@ cases = [
     (_nf4_dequantize_kernel, dict(packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
                                   out_ptr="*bf16", numel="i32"), dict(BLOCK_BYTES=2048)),
     (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*bf16", M="i32", K="i32",
-                             R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
+                             R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048, PDL=True)),
 ]
 for persistent in (False, True):
     cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, BN=16, BKW=128, X_KIND=2,
-                  SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=persistent)))
+                  SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=persistent,
+                  PDL=True)))
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
@@ -121,7 +122,7 @@ rows = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")
 for rank, swiglu, even in ((16, True, True), (0, False, False)):
     const = dict(MP=8, R=rank, RP=16, BN=2, BKW=256, X_KIND=2, SWIGLU=swiglu, DECODE_SHFL=True,
-                 EVEN_K=even)
+                 EVEN_K=even, PDL=True)
     triton.compile(ASTSource(_nf4_gemv_rows_kernel, rows, const),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 2, "num_stages": 1})
 """

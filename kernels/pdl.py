@@ -1,0 +1,57 @@
+"""Programmatic dependent launch (PDL): a kernel starts while the one before it finishes.
+
+On Hopper a kernel launched with the PDL attribute may start once every program of the kernel
+before it in the stream has called `release` (griddepcontrol.launch_dependents), not when that
+kernel exits; it then calls `wait` (griddepcontrol.wait), which returns when the previous kernel
+has finished and its writes are visible. A decode step is ~400 small kernels in a CUDA graph:
+PDL hides each one's launch latency, and lets the NF4 GEMV stream its weights while the LoRA
+down-projection launched just before it runs (kernels/nf4_linear.py).
+
+The rules every kernel here keeps, so that "finished" stays transitive along the stream (a
+kernel that has waited knows everything before its predecessor has finished too):
+1. every program calls `wait` on every path before it exits;
+2. a kernel reads and writes nothing another kernel wrote or reads before its `wait`, with one
+   exception: the GEMV reads x before it, because x was written two kernels back (the LoRA
+   down-projection launched right before the GEMV read the same x after its own wait, and
+   released the GEMV only then);
+3. `release` comes after `wait`, except in the GEMV, whose successor waits for all of it anyway.
+
+Off under the Triton interpreter, before Hopper, and with KERNELS_PDL=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL (pass as both the PDL constexpr and launch_pdl)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("KERNELS_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """Block until the previous kernel in the stream has finished and its writes are visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch once every program here has called this."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()

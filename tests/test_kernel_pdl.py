@@ -1,0 +1,77 @@
+"""Programmatic dependent launch (kernels/pdl.py): when it is on, and what the kernels compile to.
+
+Whether PDL changes any result is a device question (tests/test_gpu_decode.py compares decode
+with it on and off); here: it stays off where it cannot run, and every kernel that the decode
+step launches with it compiles for sm_90 with both grid-dependency instructions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compile_for_hopper
+
+from kernels import pdl
+
+
+def test_off_on_cpu_under_the_interpreter_and_by_env(monkeypatch):
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))  # decided before asking for a device
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("KERNELS_PDL", "0")
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))
+
+
+_COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.decode_attention import _decode_attention_kernel
+from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
+from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
+from kernels.rmsnorm import _rms_norm_forward_kernel
+from kernels.rope import _rope_kernel
+
+target = GPUTarget("cuda", 90, 32)
+norm = dict(x_ptr="*bf16", r_ptr="*bf16", s_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
+            rstd_ptr="*fp32", stride_x="i32", stride_r="i32", N="i32", eps="fp32")
+rope = {name: "i64" for name in ("T", "sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "sk_h", "sqo_b",
+        "sqo_t", "sqo_h", "sko_b", "sko_t", "sko_h", "sc_b", "sc_t", "ss_b", "ss_t", "sv_b",
+        "sv_t", "sv_h", "svo_h")}
+rope.update(q_ptr="*bf16", k_ptr="*bf16", qo_ptr="*bf16", ko_ptr="*bf16", cos_ptr="*fp32",
+            sin_ptr="*fp32", v_ptr="*bf16", vo_ptr="*bf16", rows_ptr="*i64", pos_ptr="*i64")
+gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
+            b_ptr="*bf16", y_ptr="*bf16", M="i32", N_OUT="i32", kw="i32", kb="i32",
+            stride_xm="i32", stride_ym="i32", lora_scale="fp32")
+attn = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", rows_ptr="*i64",
+            o_ptr="*bf16", ml_ptr="*fp32", s_row="i64", s_head="i64", s_pos="i64", B="i32",
+            scale="fp32")
+cases = {
+    "rms_norm": (_rms_norm_forward_kernel, norm, dict(HAS_RESIDUAL=True, STORE_RSTD=False,
+                 BLOCK_N=4096)),
+    "rope_kv_cache": (_rope_kernel, rope, dict(HQ=32, HK=8, HALF=64, BLOCK_HQ=32, BLOCK_HK=8,
+                      BLOCK_HALF=64, BACKWARD=False, CACHE=True)),
+    "decode_attention": (_decode_attention_kernel, attn, dict(HQ=32, G=4, BLOCK_G=16, D=128,
+                         BLOCK_N=64, SPLITS=1, SPLIT_LEN=512, PRECISION="tf32")),
+    "lora_down": (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*bf16", M="i32",
+                  K="i32", R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
+    "gemv": (_nf4_gemv_kernel, gemv, dict(MP=1, R=16, RP=16, BN=16, BKW=128, X_KIND=2,
+             SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=False)),
+    "gemv_no_lora": (_nf4_gemv_kernel, gemv, dict(MP=1, R=0, RP=1, BN=16, BKW=128, X_KIND=2,
+                     SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=True)),
+    "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, BN=2, BKW=256, X_KIND=2,
+                  SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
+}
+for name, (fn, sig, const) in cases.items():
+    for on in (True, False):
+        ptx = triton.compile(ASTSource(fn, sig, {**const, "PDL": on}), target=target,
+                             options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+        for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
+            assert (op in ptx) == on, (name, op, on)
+"""
+
+
+def test_decode_kernels_compile_with_grid_dependency_control():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    compile_for_hopper(_COMPILE_CHECK)

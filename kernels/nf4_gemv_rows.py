@@ -78,6 +78,18 @@ def _transpose_words(w, BKW: tl.constexpr, RB: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def lora_t(t_ptr, xm, M, T_SPLITS, R, RP: tl.constexpr, DTYPE: tl.constexpr):
+    """t = x A^T (MP, RP) in fp32 from its partial sums (T_SPLITS, M, R), added in order and
+    rounded once to DTYPE, x's dtype (as cuBLAS returns x A^T)."""
+    j = tl.arange(0, RP)
+    mask = (xm < M)[:, None] & (j < R)[None, :]
+    t = tl.zeros((xm.shape[0], RP), dtype=tl.float32)
+    for s in range(0, T_SPLITS):
+        t += tl.load(t_ptr + (s * M + xm[:, None]) * R + j[None, :], mask=mask, other=0.0)
+    return t.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def tile_rows(t, N_OUT, BN: tl.constexpr, SWIGLU: tl.constexpr):
     """Output features n of tile t, and the weight rows read for them (gate n, up n + N_OUT)."""
     n = t * BN + tl.arange(0, BN)
@@ -96,10 +108,11 @@ def _nf4_gemv_rows_kernel(
     w_ptr,  # (N, K // 8) int32: the packed NF4 weight (bitsandbytes' bytes), 8 nibbles a word
     absmax_ptr,  # (N, K // 64) fp32 block scales
     code_ptr,  # (16,) fp32 code table (interpreter decode only)
-    t_ptr,  # (M, R) LoRA down-projection x A^T in x's dtype; unused when R == 0
+    t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T
     b_ptr,  # (N, R) LoRA up weight B, contiguous
     y_ptr,  # (M, N_OUT) output, x's dtype
     M,  # rows of x
+    T_SPLITS,  # partial sums of t
     N_OUT,  # output features (I for SwiGLU, whose weight has 2I rows)
     kw,  # K // 8: words in a weight row
     kb,  # K // 64: absmax blocks in a weight row
@@ -159,14 +172,25 @@ def _nf4_gemv_rows_kernel(
         s += c6 * hi
         # A thread's 4 words are one chunk (half an absmax block): summed in registers, scaled.
         acc += tl.sum(tl.reshape(s, (BKW // 4, 4, RB, MP)), axis=1) * scale
-    y = tl.sum(acc, axis=0)  # (RB, MP)
+    rows_epilogue(
+        tl.sum(acc, axis=0), n, rows, rmask, xm, M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT,
+        stride_ym, lora_scale, R, RP, BN, SWIGLU, PDL,
+    )  # fmt: skip
+
+
+@triton.jit
+def rows_epilogue(
+    y, n, rows, rmask, xm, M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, stride_ym, lora_scale,
+    R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Store y (RB, MP) fp32 (weight rows, x rows) + lora_scale * B t, SwiGLU-combined, as y^T."""
+    MP: tl.constexpr = y.shape[1]
     if R > 0:
-        pdl.wait(PDL)
+        pdl.wait(PDL)  # t comes from the kernel just before (kernels/pdl.py)
         j = tl.arange(0, RP)
-        tmask = (j < R)[:, None] & (xm < M)[None, :]
-        t = tl.load(t_ptr + xm[None, :] * R + j[:, None], mask=tmask, other=0.0)
+        t = tl.trans(lora_t(t_ptr, xm, M, T_SPLITS, R, RP, y_ptr.dtype.element_ty))  # (RP, MP)
         b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=rmask[:, None] & (j < R)[None, :], other=0.0)
-        y += lora_scale * tl.sum(b.to(tl.float32)[:, :, None] * t.to(tl.float32)[None, :, :], 1)
+        y += lora_scale * tl.sum(b.to(tl.float32)[:, :, None] * t[None, :, :], 1)
     if SWIGLU:
         g, u = tl.split(tl.permute(tl.reshape(y, (BN, 2, MP)), (0, 2, 1)))
         y = g * tl.sigmoid(g) * u
@@ -205,10 +229,11 @@ def launch_gemv_rows(
     rb, bkw, warps = cfg
     bn = rb // 2 if swiglu else rb
     kw = k // 8
-    rank = 0 if t is None else t.shape[1]
+    rank = 0 if t is None else t.shape[2]
     _nf4_gemv_rows_kernel[(triton.cdiv(n_out, bn),)](
         xv, words, scales, code, scales if t is None else t, scales if b is None else b, y,
-        m, n_out, kw, k // 64, xv.stride(0), y.stride(0), float(lora_scale),
+        m, 0 if t is None else t.shape[0], n_out, kw, k // 64, xv.stride(0), y.stride(0),
+        float(lora_scale),
         MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn,
         BKW=bkw, X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not interpret, EVEN_K=kw % bkw == 0,
         PDL=use_pdl, num_warps=warps, num_stages=1, launch_pdl=use_pdl,

@@ -41,8 +41,10 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4 import decode_words, nf4_dequantize
+from kernels.nf4_gemv_mma import CONFIGS as _MMA_CONFIGS
+from kernels.nf4_gemv_mma import launch_gemv_mma
 from kernels.nf4_gemv_rows import CONFIGS as _ROWS_CONFIGS
-from kernels.nf4_gemv_rows import launch_gemv_rows, tile_rows
+from kernels.nf4_gemv_rows import launch_gemv_rows, lora_t, tile_rows
 from kernels.reference import NF4_BLOCKSIZE, nf4_code_table
 from kernels.reference import swiglu as _swiglu_reference
 
@@ -102,7 +104,7 @@ def _gemv_step(
 
 @triton.jit
 def _gemv_epilogue(
-    acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT, lora_scale,
+    acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, lora_scale,
     MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
@@ -111,10 +113,10 @@ def _gemv_epilogue(
     pdl.wait(PDL)  # t comes from the kernel just before
     if R > 0:
         j = tl.arange(0, RP)
-        t = tl.load(t_ptr + xm[:, None] * R + j[None, :], mask=mmask & (j < R)[None, :], other=0.0)
+        t = lora_t(t_ptr, xm, M, T_SPLITS, R, RP, y_ptr.dtype.element_ty)
         bmask = rmask[:, None] & (j < R)[None, :]
         b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=bmask, other=0.0)
-        y += lora_scale * tl.sum(t.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+        y += lora_scale * tl.sum(t[:, None, :] * b.to(tl.float32)[None, :, :], 2)
     if SWIGLU:
         g, u = tl.split(tl.reshape(y, (MP, BN, 2)))
         y = g * tl.sigmoid(g) * u
@@ -128,10 +130,11 @@ def _nf4_gemv_kernel(
     w_ptr,  # (N, K // 8) int32: the packed NF4 weight, 8 nibbles a word
     absmax_ptr,  # (N, K // 64) fp32 block scales
     code_ptr,  # (16,) fp32 code table (interpreter decode only)
-    t_ptr,  # (M, R) LoRA down-projection x A^T; unused when R == 0
+    t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T
     b_ptr,  # (N, R) LoRA up weight B; unused when R == 0
     y_ptr,  # (M, N_OUT) output, x's dtype
     M,  # rows of x
+    T_SPLITS,  # partial sums of t (K split over the down-projection's programs)
     N_OUT,  # output features (I for SwiGLU, whose weight has 2I rows)
     kw,  # K // 8: words in a weight row
     kb,  # K // 64: absmax blocks in a weight row
@@ -179,8 +182,8 @@ def _nf4_gemv_kernel(
             )  # fmt: skip
             if ks == steps - 1:
                 _gemv_epilogue(
-                    acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT,
-                    lora_scale, MP, R, RP, BN, SWIGLU, PDL,
+                    acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr,
+                    N_OUT, lora_scale, MP, R, RP, BN, SWIGLU, PDL,
                 )  # fmt: skip
                 acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
         pdl.wait(PDL)  # every program waits, even one without a tile (kernels/pdl.py, rule 1)
@@ -192,8 +195,8 @@ def _nf4_gemv_kernel(
                 w0, kw, kb, BKW, X_KIND, DECODE_SHFL,
             )  # fmt: skip
         _gemv_epilogue(
-            acc, n, rows, rmask, xm, mmask, yrow, t_ptr, b_ptr, y_ptr, N_OUT, lora_scale,
-            MP, R, RP, BN, SWIGLU, PDL,
+            acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT,
+            lora_scale, MP, R, RP, BN, SWIGLU, PDL,
         )  # fmt: skip
 
 
@@ -201,45 +204,48 @@ def _nf4_gemv_kernel(
 def _lora_down_kernel(
     x_ptr,  # (M, K) activations
     a_ptr,  # (R, K) LoRA down weight A, rows contiguous
-    t_ptr,  # (M, R) out: x A^T, rounded to t's dtype once
+    t_ptr,  # (cdiv(K, BLOCK_K), M, R) fp32 out: partial sums of x A^T, one a K chunk
     M,  # rows of x
     K,  # in features
     R,  # LoRA rank
     stride_xm,  # elements between rows of x
     MP: tl.constexpr,  # M rounded up to a power of two
-    BLOCK_K: tl.constexpr,  # K elements a loop step
+    BLOCK_K: tl.constexpr,  # K elements a program
     PDL: tl.constexpr,  # programmatic dependent launch: releases the GEMV once x is ready
 ):
-    """t[:, j] = x A[j]^T for one rank index j a program, fp32 sums (as cuBLAS does)."""
+    """One fp32 partial sum of t[:, j] = x A[j]^T a program: rank index j, K chunk s."""
     j = tl.program_id(0)
+    s = tl.program_id(1)
     pdl.wait(PDL)
     pdl.release(PDL)
     xm = tl.arange(0, MP)
-    acc = tl.zeros((MP, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + j * K + k, mask=k < K, other=0.0).to(tl.float32)
-        xmask = (xm < M)[:, None] & (k < K)[None, :]
-        x = tl.load(x_ptr + xm[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
-        acc += x.to(tl.float32) * a[None, :]
-    t = tl.sum(acc, axis=1)
-    tl.store(t_ptr + xm * R + j, t.to(t_ptr.dtype.element_ty), mask=xm < M)
+    k = s * BLOCK_K + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + j * K + k, mask=k < K, other=0.0).to(tl.float32)
+    xmask = (xm < M)[:, None] & (k < K)[None, :]
+    x = tl.load(x_ptr + xm[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
+    t = tl.sum(x.to(tl.float32) * a[None, :], axis=1)
+    tl.store(t_ptr + (s * M + xm) * R + j, t, mask=xm < M)
+
+
+LORA_BLOCK_K = 1024  # K elements a down-projection program: one load each, no loop
 
 
 def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor, use_pdl: bool) -> torch.Tensor:
-    """x2 A^T in x's dtype, fp32 sums: one launch of r tiny programs.
+    """(cdiv(K, LORA_BLOCK_K), M, r) fp32 partial sums of x2 A^T: one launch, one load a program.
 
-    With cuBLAS here (F.linear) LoRA added 6-7 us a call inside a graph (bench/NOTES.md),
-    about two kernel slots; this is one.
+    The GEMV's epilogue adds the partials in order and rounds t to x's dtype once (as cuBLAS's
+    x A^T would). Partials, not a loop over K, because the GEMV waits for this kernel before its
+    epilogue: a program looping over K=14336 took ~7 us, longer than the GEMV's first tiles
+    (bench/NOTES.md); with cuBLAS here LoRA added 6-7 us a call.
     """
     m, k = x2.shape
     rank = lora_a.shape[0]
-    t = torch.empty((m, rank), dtype=x2.dtype, device=x2.device)
-    mp = triton.next_power_of_2(m)
+    splits = triton.cdiv(k, LORA_BLOCK_K)
+    t = torch.empty((splits, m, rank), dtype=torch.float32, device=x2.device)
     lora_a = lora_a.contiguous()
-    _lora_down_kernel[(rank,)](
-        x2, lora_a, t, m, k, rank, x2.stride(0), MP=mp, BLOCK_K=max(64, 2048 // mp), PDL=use_pdl,
-        launch_pdl=use_pdl,
+    _lora_down_kernel[(rank, splits)](
+        x2, lora_a, t, m, k, rank, x2.stride(0), MP=triton.next_power_of_2(m), BLOCK_K=LORA_BLOCK_K,
+        PDL=use_pdl, launch_pdl=use_pdl,
     )  # fmt: skip
     return t
 
@@ -278,7 +284,7 @@ def _grid(cfg: tuple[int, int, int, int, int], n_out: int, device: torch.device)
     return tiles if cfg[4] == 0 else min(tiles, cfg[4] * _sm_count(device))
 
 
-def _pick_config(key: tuple, n_out: int, kw: int, mp: int, launch) -> tuple[int, ...]:
+def _pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list) -> tuple:
     """Best config for this shape: timed once per shape outside graph capture, else a default.
 
     The default is the first candidate that still gives 264 programs (two an H100/H200 SM),
@@ -286,7 +292,7 @@ def _pick_config(key: tuple, n_out: int, kw: int, mp: int, launch) -> tuple[int,
     """
     if key in _TUNED:
         return _TUNED[key]
-    fits = [c for c in _CONFIGS[mp] if c[1] <= max(8, triton.next_power_of_2(kw))]
+    fits = [c for c in candidates if c[1] <= max(8, triton.next_power_of_2(kw))]
     # the staged kernel takes a narrow K step; the rows kernel masks a wide one
     fits = fits or [(_CONFIGS[mp][0][0], 8, 4, 2, 0) if mp <= 2 else _CONFIGS[mp][0]]
     plain = [c for c in fits if len(c) < 5 or c[4] == 0] or fits
@@ -355,6 +361,12 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     t = _lora_down(x2, lora_a, use_pdl) if rank else scales
 
     def launch(cfg):
+        if cfg[-1] == "mma":
+            launch_gemv_mma(
+                cfg, x2, words, scales, code, t if rank else None, b if rank else None, y, m,
+                n_out, k, lora_scale, swiglu, _interpreting(), use_pdl,
+            )  # fmt: skip
+            return
         if mp > 2:
             launch_gemv_rows(
                 cfg, xv, words, scales, code, t if rank else None, b if rank else None, y, m,
@@ -364,7 +376,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
         bn, bkw, warps, stages, per_sm = cfg
         _nf4_gemv_kernel[(_grid(cfg, n_out, x.device),)](
             xv, words, scales, code, t, b, y,
-            m, n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0), y.stride(0), float(lora_scale),
+            m, t.shape[0] if rank else 0, n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0),
+            y.stride(0), float(lora_scale),
             MP=mp, R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn, BKW=bkw,
             X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not _interpreting(),
             NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
@@ -372,7 +385,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
-    launch(_pick_config(key, n_out, k // 8, mp, launch))
+    candidates = _CONFIGS[mp] + (_MMA_CONFIGS if mp > 1 and x_kind > 0 else [])
+    launch(_pick_config(key, n_out, k // 8, mp, launch, candidates))
     return y.reshape(*x.shape[:-1], n_out)
 
 

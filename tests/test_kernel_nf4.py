@@ -101,13 +101,13 @@ from kernels.nf4 import _nf4_dequantize_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
 
-gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
-            b_ptr="*bf16", y_ptr="*bf16", M="i32", N_OUT="i32", kw="i32", kb="i32",
+gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
+            b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")
 cases = [
     (_nf4_dequantize_kernel, dict(packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
                                   out_ptr="*bf16", numel="i32"), dict(BLOCK_BYTES=2048)),
-    (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*bf16", M="i32", K="i32",
+    (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32", K="i32",
                              R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048, PDL=True)),
 ]
 for persistent in (False, True):
@@ -117,8 +117,8 @@ for persistent in (False, True):
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
-rows = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
-            b_ptr="*bf16", y_ptr="*bf16", M="i32", N_OUT="i32", kw="i32", kb="i32",
+rows = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
+            b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")
 for rank, swiglu, even in ((16, True, True), (0, False, False)):
     const = dict(MP=8, R=rank, RP=16, BN=2, BKW=256, X_KIND=2, SWIGLU=swiglu, DECODE_SHFL=True,

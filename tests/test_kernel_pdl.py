@@ -28,6 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.decode_attention import _decode_attention_kernel
+from kernels.nf4_gemv_mma import _nf4_gemv_mma_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
 from kernels.rmsnorm import _rms_norm_forward_kernel
@@ -41,8 +42,8 @@ rope = {name: "i64" for name in ("T", "sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "s
         "sv_t", "sv_h", "svo_h")}
 rope.update(q_ptr="*bf16", k_ptr="*bf16", qo_ptr="*bf16", ko_ptr="*bf16", cos_ptr="*fp32",
             sin_ptr="*fp32", v_ptr="*bf16", vo_ptr="*bf16", rows_ptr="*i64", pos_ptr="*i64")
-gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*bf16",
-            b_ptr="*bf16", y_ptr="*bf16", M="i32", N_OUT="i32", kw="i32", kb="i32",
+gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
+            b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")
 attn = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", rows_ptr="*i64",
             o_ptr="*bf16", ml_ptr="*fp32", s_row="i64", s_head="i64", s_pos="i64", B="i32",
@@ -54,7 +55,7 @@ cases = {
                       BLOCK_HALF=64, BACKWARD=False, CACHE=True)),
     "decode_attention": (_decode_attention_kernel, attn, dict(HQ=32, G=4, BLOCK_G=16, D=128,
                          BLOCK_N=64, SPLITS=1, SPLIT_LEN=512, PRECISION="tf32")),
-    "lora_down": (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*bf16", M="i32",
+    "lora_down": (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32",
                   K="i32", R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
     "gemv": (_nf4_gemv_kernel, gemv, dict(MP=1, R=16, RP=16, BN=16, BKW=128, X_KIND=2,
              SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=False)),
@@ -62,6 +63,8 @@ cases = {
                      SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=True)),
     "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, BN=2, BKW=256, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
+    "gemv_mma": (_nf4_gemv_mma_kernel, {**gemv, "x_ptr": "*bf16"}, dict(MP=16, R=16, RP=16,
+                 BN=32, BKW=32, SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3)),
 }
 for name, (fn, sig, const) in cases.items():
     for on in (True, False):

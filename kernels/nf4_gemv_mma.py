@@ -46,6 +46,7 @@ def _nf4_gemv_mma_kernel(
     MP: tl.constexpr,  # rows of x a tile (MMA_ROWS)
     R: tl.constexpr,  # LoRA rank, 0 for none
     RP: tl.constexpr,  # R rounded up to a power of two
+    TSP: tl.constexpr,  # T_SPLITS rounded up to a power of two
     BN: tl.constexpr,  # output features a tile
     BKW: tl.constexpr,  # words a loop step (a multiple of 8: whole absmax blocks)
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
@@ -83,7 +84,7 @@ def _nf4_gemv_mma_kernel(
                 acc = tl.dot(wm.to(tl.float32), xs.to(tl.float32), acc, input_precision="ieee")
     rows_epilogue(
         acc, n, rows, rmask, xm, M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, stride_ym, lora_scale,
-        R, RP, BN, SWIGLU, PDL,
+        R, RP, TSP, BN, SWIGLU, PDL,
     )  # fmt: skip
 
 
@@ -102,7 +103,8 @@ def launch_gemv_mma(
     _nf4_gemv_mma_kernel[(triton.cdiv(n_out, bn),)](
         x2, words, scales, code, scales if t is None else t, scales if b is None else b, y,
         m, 0 if t is None else t.shape[0], n_out, k // 8, k // 64, x2.stride(0), y.stride(0),
-        float(lora_scale), MP=MMA_ROWS, R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn,
+        float(lora_scale), MP=MMA_ROWS, R=rank, RP=triton.next_power_of_2(max(rank, 1)),
+        TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), BN=bn,
         BKW=bkw, SWIGLU=swiglu, DECODE_SHFL=not interpret, NUM_STAGES=stages, PDL=use_pdl,
         num_warps=warps, launch_pdl=use_pdl,
     )  # fmt: skip

@@ -78,14 +78,16 @@ def _transpose_words(w, BKW: tl.constexpr, RB: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def lora_t(t_ptr, xm, M, T_SPLITS, R, RP: tl.constexpr, DTYPE: tl.constexpr):
-    """t = x A^T (MP, RP) in fp32 from its partial sums (T_SPLITS, M, R), added in order and
-    rounded once to DTYPE, x's dtype (as cuBLAS returns x A^T)."""
-    j = tl.arange(0, RP)
-    mask = (xm < M)[:, None] & (j < R)[None, :]
-    t = tl.zeros((xm.shape[0], RP), dtype=tl.float32)
-    for s in range(0, T_SPLITS):
-        t += tl.load(t_ptr + (s * M + xm[:, None]) * R + j[None, :], mask=mask, other=0.0)
+def lora_t(t_ptr, xm, M, T_SPLITS, R, RP: tl.constexpr, TSP: tl.constexpr, DTYPE: tl.constexpr):
+    """t = x A^T (MP, RP) in fp32 from its partial sums (T_SPLITS, M, R), summed and rounded
+    once to DTYPE, x's dtype (as cuBLAS returns x A^T). One load of every partial: a loop of
+    dependent loads here cost each program ~0.6 us a split (H200). TSP: T_SPLITS rounded up to
+    a power of two."""
+    s = tl.arange(0, TSP)[:, None, None]
+    m = xm[None, :, None]
+    j = tl.arange(0, RP)[None, None, :]
+    mask = (s < T_SPLITS) & (m < M) & (j < R)
+    t = tl.sum(tl.load(t_ptr + (s * M + m) * R + j, mask=mask, other=0.0), axis=0)
     return t.to(DTYPE).to(tl.float32)
 
 
@@ -122,6 +124,7 @@ def _nf4_gemv_rows_kernel(
     MP: tl.constexpr,  # M rounded up to a power of two
     R: tl.constexpr,  # LoRA rank, 0 for none
     RP: tl.constexpr,  # R rounded up to a power of two
+    TSP: tl.constexpr,  # T_SPLITS rounded up to a power of two
     BN: tl.constexpr,  # output features a tile
     BKW: tl.constexpr,  # words (8 elements each) of a row a loop step, >= 128 * num_warps
     X_KIND: tl.constexpr,  # 0 fp32, 1 fp16, 2 bf16
@@ -174,21 +177,22 @@ def _nf4_gemv_rows_kernel(
         acc += tl.sum(tl.reshape(s, (BKW // 4, 4, RB, MP)), axis=1) * scale
     rows_epilogue(
         tl.sum(acc, axis=0), n, rows, rmask, xm, M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT,
-        stride_ym, lora_scale, R, RP, BN, SWIGLU, PDL,
+        stride_ym, lora_scale, R, RP, TSP, BN, SWIGLU, PDL,
     )  # fmt: skip
 
 
 @triton.jit
 def rows_epilogue(
     y, n, rows, rmask, xm, M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, stride_ym, lora_scale,
-    R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+    R: tl.constexpr, RP: tl.constexpr, TSP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Store y (RB, MP) fp32 (weight rows, x rows) + lora_scale * B t, SwiGLU-combined, as y^T."""
     MP: tl.constexpr = y.shape[1]
     if R > 0:
         pdl.wait(PDL)  # t comes from the kernel just before (kernels/pdl.py)
         j = tl.arange(0, RP)
-        t = tl.trans(lora_t(t_ptr, xm, M, T_SPLITS, R, RP, y_ptr.dtype.element_ty))  # (RP, MP)
+        t = tl.trans(lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty))  # (RP, MP)
         b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=rmask[:, None] & (j < R)[None, :], other=0.0)
         y += lora_scale * tl.sum(b.to(tl.float32)[:, :, None] * t[None, :, :], 1)
     if SWIGLU:
@@ -234,7 +238,8 @@ def launch_gemv_rows(
         xv, words, scales, code, scales if t is None else t, scales if b is None else b, y,
         m, 0 if t is None else t.shape[0], n_out, kw, k // 64, xv.stride(0), y.stride(0),
         float(lora_scale),
-        MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn,
+        MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)),
+        TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), BN=bn,
         BKW=bkw, X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not interpret, EVEN_K=kw % bkw == 0,
         PDL=use_pdl, num_warps=warps, num_stages=1, launch_pdl=use_pdl,
     )  # fmt: skip

@@ -105,15 +105,15 @@ def _gemv_step(
 @triton.jit
 def _gemv_epilogue(
     acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, lora_scale,
-    MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr,
-    PDL: tl.constexpr,
+    MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TSP: tl.constexpr, BN: tl.constexpr,
+    SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y[:, n] = sum over words of acc, + lora_scale * t B^T, SwiGLU-combined, in y's dtype."""
     y = tl.sum(acc, axis=2)  # (MP, RB)
     pdl.wait(PDL)  # t comes from the kernel just before
     if R > 0:
         j = tl.arange(0, RP)
-        t = lora_t(t_ptr, xm, M, T_SPLITS, R, RP, y_ptr.dtype.element_ty)
+        t = lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty)
         bmask = rmask[:, None] & (j < R)[None, :]
         b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=bmask, other=0.0)
         y += lora_scale * tl.sum(t[:, None, :] * b.to(tl.float32)[None, :, :], 2)
@@ -144,6 +144,7 @@ def _nf4_gemv_kernel(
     MP: tl.constexpr,  # M rounded up to a power of two
     R: tl.constexpr,  # LoRA rank, 0 for none
     RP: tl.constexpr,  # R rounded up to a power of two
+    TSP: tl.constexpr,  # T_SPLITS rounded up to a power of two
     BN: tl.constexpr,  # output features a tile
     BKW: tl.constexpr,  # words (8 elements each) of a row a loop step
     X_KIND: tl.constexpr,  # 0 fp32, 1 fp16, 2 bf16
@@ -183,7 +184,7 @@ def _nf4_gemv_kernel(
             if ks == steps - 1:
                 _gemv_epilogue(
                     acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr,
-                    N_OUT, lora_scale, MP, R, RP, BN, SWIGLU, PDL,
+                    N_OUT, lora_scale, MP, R, RP, TSP, BN, SWIGLU, PDL,
                 )  # fmt: skip
                 acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
         pdl.wait(PDL)  # every program waits, even one without a tile (kernels/pdl.py, rule 1)
@@ -196,7 +197,7 @@ def _nf4_gemv_kernel(
             )  # fmt: skip
         _gemv_epilogue(
             acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT,
-            lora_scale, MP, R, RP, BN, SWIGLU, PDL,
+            lora_scale, MP, R, RP, TSP, BN, SWIGLU, PDL,
         )  # fmt: skip
 
 
@@ -378,14 +379,17 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
             xv, words, scales, code, t, b, y,
             m, t.shape[0] if rank else 0, n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0),
             y.stride(0), float(lora_scale),
-            MP=mp, R=rank, RP=triton.next_power_of_2(max(rank, 1)), BN=bn, BKW=bkw,
+            MP=mp, R=rank, RP=triton.next_power_of_2(max(rank, 1)),
+            TSP=triton.next_power_of_2(t.shape[0] if rank else 1), BN=bn, BKW=bkw,
             X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not _interpreting(),
             NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
             launch_pdl=use_pdl,
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
-    candidates = _CONFIGS[mp] + (_MMA_CONFIGS if mp > 1 and x_kind > 0 else [])
+    # bf16 only: the tensor-core kernel rounds each weight to x's dtype (as dequantize_4bit does),
+    # which for fp16 x is coarser than fp16's own output tolerance.
+    candidates = _CONFIGS[mp] + (_MMA_CONFIGS if mp > 1 and x_kind == 2 else [])
     launch(_pick_config(key, n_out, k // 8, mp, launch, candidates))
     return y.reshape(*x.shape[:-1], n_out)
 

@@ -111,7 +111,7 @@ cases = [
                              R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048, PDL=True)),
 ]
 for persistent in (False, True):
-    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, BN=16, BKW=128, X_KIND=2,
+    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, TSP=4, BN=16, BKW=128, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=persistent,
                   PDL=True)))
 for fn, sig, const in cases:
@@ -121,7 +121,7 @@ rows = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_
             b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")
 for rank, swiglu, even in ((16, True, True), (0, False, False)):
-    const = dict(MP=8, R=rank, RP=16, BN=2, BKW=256, X_KIND=2, SWIGLU=swiglu, DECODE_SHFL=True,
+    const = dict(MP=8, R=rank, RP=16, TSP=4, BN=2, BKW=256, X_KIND=2, SWIGLU=swiglu, DECODE_SHFL=True,
                  EVEN_K=even, PDL=True)
     triton.compile(ASTSource(_nf4_gemv_rows_kernel, rows, const),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 2, "num_stages": 1})

@@ -113,13 +113,12 @@ def test_every_tuner_config_matches_oracle(rows, monkeypatch):
         torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, lora_rank", [(2, 0), (5, 3), (8, 16)])
-def test_tensor_core_kernel_matches_oracle(rows, lora_rank, dtype, monkeypatch):
-    # kernels.nf4_gemv_mma: 16-row tiles with rows past M masked, K (448) not a multiple of the
+def test_tensor_core_kernel_matches_oracle(rows, lora_rank, monkeypatch):
+    # kernels.nf4_gemv_mma (bf16 x only): 16-row tiles with rows past M masked, K (448) not a multiple of the
     # word step, N not a multiple of the tile, with and without LoRA.
     n, k = 2 * 45, 448
-    packed, absmax, x, lora = _problem(n, k, rows, dtype, lora_rank, seed=rows)
+    packed, absmax, x, lora = _problem(n, k, rows, torch.bfloat16, lora_rank, seed=rows)
     want = _oracle(x, packed, absmax, (n, k), lora, 0.5, False)
     for cfg in gemv._MMA_CONFIGS:
         key = (x.device, n, k, triton.next_power_of_2(rows), x.dtype, False, lora_rank > 0)

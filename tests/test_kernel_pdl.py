@@ -57,13 +57,13 @@ cases = {
                          BLOCK_N=64, SPLITS=1, SPLIT_LEN=512, PRECISION="tf32")),
     "lora_down": (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32",
                   K="i32", R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
-    "gemv": (_nf4_gemv_kernel, gemv, dict(MP=1, R=16, RP=16, BN=16, BKW=128, X_KIND=2,
+    "gemv": (_nf4_gemv_kernel, gemv, dict(MP=1, R=16, RP=16, TSP=4, BN=16, BKW=128, X_KIND=2,
              SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=False)),
-    "gemv_no_lora": (_nf4_gemv_kernel, gemv, dict(MP=1, R=0, RP=1, BN=16, BKW=128, X_KIND=2,
+    "gemv_no_lora": (_nf4_gemv_kernel, gemv, dict(MP=1, R=0, RP=1, TSP=4, BN=16, BKW=128, X_KIND=2,
                      SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=True)),
-    "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, BN=2, BKW=256, X_KIND=2,
+    "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=256, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
-    "gemv_mma": (_nf4_gemv_mma_kernel, {**gemv, "x_ptr": "*bf16"}, dict(MP=16, R=16, RP=16,
+    "gemv_mma": (_nf4_gemv_mma_kernel, {**gemv, "x_ptr": "*bf16"}, dict(MP=16, R=16, RP=16, TSP=4,
                  BN=32, BKW=32, SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3)),
 }
 for name, (fn, sig, const) in cases.items():

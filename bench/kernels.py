@@ -93,9 +93,7 @@ def bench_gemv_case(bnb, copy_bw, copies_mb, sweep, name, n, k, swiglu):
     for m in (2, 4, 8):  # decode of m sequences at once: the same weight bytes, m x the FMAs
         xm = torch.randn(m, k, device="cuda", dtype=x_dtype)
         us = graph_time_us(lambda i, xm=xm: op(xm, sets[i][0], sets[i][1], (n, k)), copies)
-        picked = gemv._TUNED.get((x.device, n_out, k, m, x_dtype, swiglu, False))
-        kernel = "mma" if picked and picked[-1] == "mma" else "fma"
-        rows.append(row(name, f"triton {m} rows ({kernel})", us, wbytes + m * io, copy_bw, ours))
+        rows.append(row(name, f"triton {m} rows", us, wbytes + m * io, copy_bw, ours))
 
     def bnb_call(i):
         y = bnb.matmul_4bit(x, sets[i][0].t(), quant_state=sets[i][2])

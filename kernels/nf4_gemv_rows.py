@@ -134,9 +134,9 @@ def _nf4_gemv_rows_kernel(
     PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
 ):
     RB: tl.constexpr = BN * (1 + SWIGLU)
-    pdl.release(PDL)  # as kernels.nf4_linear's GEMV: with LoRA only t waits (kernels/pdl.py)
-    if R == 0:
+    if R == 0:  # as kernels.nf4_linear's GEMV: with LoRA only t waits (kernels/pdl.py)
         pdl.wait(PDL)
+        pdl.release(PDL)
     n, rows, rmask = tile_rows(tl.program_id(0), N_OUT, BN, SWIGLU)
     wrow = (rows * kw)[None, :, None]
     srow = (rows * kb)[None, :, None]
@@ -191,6 +191,7 @@ def rows_epilogue(
     MP: tl.constexpr = y.shape[1]
     if R > 0:
         pdl.wait(PDL)  # t comes from the kernel just before (kernels/pdl.py)
+        pdl.release(PDL)
         j = tl.arange(0, RP)
         t = tl.trans(lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty))  # (RP, MP)
         b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=rmask[:, None] & (j < R)[None, :], other=0.0)

@@ -41,8 +41,6 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4 import decode_words, nf4_dequantize
-from kernels.nf4_gemv_mma import CONFIGS as _MMA_CONFIGS
-from kernels.nf4_gemv_mma import launch_gemv_mma
 from kernels.nf4_gemv_rows import CONFIGS as _ROWS_CONFIGS
 from kernels.nf4_gemv_rows import launch_gemv_rows, lora_t, tile_rows
 from kernels.reference import NF4_BLOCKSIZE, nf4_code_table
@@ -111,6 +109,7 @@ def _gemv_epilogue(
     """y[:, n] = sum over words of acc, + lora_scale * t B^T, SwiGLU-combined, in y's dtype."""
     y = tl.sum(acc, axis=2)  # (MP, RB)
     pdl.wait(PDL)  # t comes from the kernel just before
+    pdl.release(PDL)
     if R > 0:
         j = tl.arange(0, RP)
         t = lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty)
@@ -158,9 +157,9 @@ def _nf4_gemv_kernel(
     pid = tl.program_id(0)
     # With LoRA the down-projection runs just before and has read x after its own wait: the
     # weight stream starts now, alongside it, and waits only for t (kernels/pdl.py, rule 2).
-    pdl.release(PDL)
     if R == 0:
         pdl.wait(PDL)
+        pdl.release(PDL)
     xm = tl.arange(0, MP)
     xrow = (xm * stride_xm)[:, None]
     yrow = (xm * stride_ym)[:, None]
@@ -362,12 +361,6 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     t = _lora_down(x2, lora_a, use_pdl) if rank else scales
 
     def launch(cfg):
-        if cfg[-1] == "mma":
-            launch_gemv_mma(
-                cfg, x2, words, scales, code, t if rank else None, b if rank else None, y, m,
-                n_out, k, lora_scale, swiglu, _interpreting(), use_pdl,
-            )  # fmt: skip
-            return
         if mp > 2:
             launch_gemv_rows(
                 cfg, xv, words, scales, code, t if rank else None, b if rank else None, y, m,
@@ -387,10 +380,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
-    # bf16 only: the tensor-core kernel rounds each weight to x's dtype (as dequantize_4bit does),
-    # which for fp16 x is coarser than fp16's own output tolerance.
-    candidates = _CONFIGS[mp] + (_MMA_CONFIGS if mp > 1 and x_kind == 2 else [])
-    launch(_pick_config(key, n_out, k // 8, mp, launch, candidates))
+    launch(_pick_config(key, n_out, k // 8, mp, launch, _CONFIGS[mp]))
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -14,7 +14,8 @@ kernel that has waited knows everything before its predecessor has finished too)
    exception: the GEMV reads x before it, because x was written two kernels back (the LoRA
    down-projection launched right before the GEMV read the same x after its own wait, and
    released the GEMV only then);
-3. `release` comes after `wait`, except in the GEMV, whose successor waits for all of it anyway.
+3. `release` comes after `wait` (a GEMV that released at its start, before its epilogue's wait,
+   ran 10-70% slower back to back on an H200: the next kernel's programs held its SMs' slots).
 
 Off under the Triton interpreter, before Hopper, and with KERNELS_PDL=0.
 """

@@ -28,7 +28,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.decode_attention import _decode_attention_kernel
-from kernels.nf4_gemv_mma import _nf4_gemv_mma_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
 from kernels.rmsnorm import _rms_norm_forward_kernel
@@ -63,8 +62,6 @@ cases = {
                      SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=True)),
     "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=256, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
-    "gemv_mma": (_nf4_gemv_mma_kernel, {**gemv, "x_ptr": "*bf16"}, dict(MP=16, R=16, RP=16, TSP=4,
-                 BN=32, BKW=32, SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3)),
 }
 for name, (fn, sig, const) in cases.items():
     for on in (True, False):

@@ -14,13 +14,13 @@ from helpers import compile_for_hopper
 from kernels import pdl
 
 
-def test_off_on_cpu_under_the_interpreter_and_by_env(monkeypatch):
+def test_off_unless_asked_and_never_on_cpu_or_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("KERNELS_PDL", raising=False)
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))  # off by default (slower, bench/NOTES.md)
+    monkeypatch.setenv("KERNELS_PDL", "1")
     assert not pdl.pdl_enabled(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl.pdl_enabled(torch.device("cuda", 0))  # decided before asking for a device
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("KERNELS_PDL", "0")
-    assert not pdl.pdl_enabled(torch.device("cuda", 0))
 
 
 _COMPILE_CHECK = """

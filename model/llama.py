@@ -167,8 +167,10 @@ class Transformer(nn.Module):
         attn_len: int,  # attend to cache positions [0, attn_len); > every position here
         slots: torch.Tensor | None = None,  # (B,) cache rows; None: rows 0..B-1
         last_only: bool = True,
+        last: torch.Tensor | None = None,  # (B,) with last_only: each row's token to return
     ) -> torch.Tensor:
-        """Logits (B, 1, V) for the last token of each row, or (B, T, V)."""
+        """Logits (B, 1, V) for the last token of each row (or token `last[b]` of row b), or
+        (B, T, V)."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         mask = None  # decode: decode_attention masks by each row's position itself
         if tokens.shape[1] > 1:
@@ -180,5 +182,5 @@ class Transformer(nn.Module):
             x, residual = layer(x, residual, cos, sin, positions, slots, rows, attn_len, mask)
         x, _ = self.norm(x, residual)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if last is None else x[torch.arange(x.shape[0], device=x.device), last][:, None]
         return self.lm_head(x)

@@ -55,6 +55,34 @@ class Runner:
         return logits[:, -1]
 
     @torch.inference_mode()
+    def prefill_many(self, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Logits (n, V) after each (ids, slot) prompt, all prefilled in shared passes.
+
+        A prefill pass's fixed cost is the weights (NF4: dequantized once a pass), so requests
+        that arrive together share it. Shorter prompts are padded at the end: their padding
+        writes K/V past the prompt, which decode overwrites position by position before any
+        step can attend to it (a row attends only up to its own position).
+        """
+        lengths = [len(ids) for ids, _ in prompts]
+        width = max(lengths)
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, (ids, _) in enumerate(prompts):
+            tokens[row, : len(ids)] = torch.tensor(ids)
+        tokens = tokens.to(self.device)
+        slots = torch.tensor([slot for _, slot in prompts], device=self.device)
+        last = torch.tensor(lengths) - 1
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for start in range(0, width, PREFILL_CHUNK):
+            end = min(width, start + PREFILL_CHUNK)
+            positions = torch.arange(start, end, device=self.device).expand(len(prompts), -1)
+            here = (last - start).clamp(0, end - start - 1).to(self.device)
+            logits = self.model(tokens[:, start:end], positions, attn_len=end, slots=slots, last=here)
+            for row, length in enumerate(lengths):
+                if start < length <= end:
+                    out[row] = logits[row, 0]
+        return torch.stack(out)
+
+    @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits (B, V): row b reads tokens[b] at positions[b] in cache slot b. `adapter` names
         the LoRA the model applies now (the scheduler activated it)."""

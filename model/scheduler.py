@@ -1,8 +1,9 @@
 """Continuous batching: one worker thread owns the model and serves every request.
 
 Each request gets a KV-cache slot. Between decode steps the worker admits waiting requests
-(prefill into their slot, first token), then runs one decode step for the active rows together
-and hands each row its token. Rows join and leave at any step; each keeps its own settings,
+(prefill into their slot, first token; requests of one adapter admitted together share their
+prefill passes), then runs one decode step for the active rows together and hands each row its
+token. Rows join and leave at any step; each keeps its own settings,
 stops on its own (EOS, length, cancel) and carries its own timing.
 
 A decode step covers rows 0..B-1, B one past the highest busy slot (the runner rounds B up to a
@@ -126,39 +127,57 @@ class Scheduler:
     def finish(self, slot: int, reason: str) -> None:
         self.rows.pop(slot).request.out.put((None, reason, time.perf_counter()))
 
-    def free_slot(self) -> int | None:
-        return next((s for s in range(self.slots) if s not in self.rows), None)
-
     @torch.inference_mode()
     def admit(self) -> None:
-        while (slot := self.free_slot()) is not None:
+        """Take as many waiting requests as there are free slots; those of one adapter share
+        their prefill passes (model/runner.py: prefill_many)."""
+        free = [s for s in range(self.slots) if s not in self.rows]
+        taken: list[tuple[Request, int]] = []
+        while len(taken) < len(free):
             with self.wake:
                 if not self.waiting:
-                    return
+                    break
                 request = self.waiting.popleft()
             if request.cancel.cancelled:
                 request.out.put((None, "cancelled", time.perf_counter()))
                 continue
-            try:
-                self.start(request, slot)
-            except Exception as err:  # this request fails alone; the running rows go on
-                log.exception("Prefill failed")
-                self.rows.pop(slot, None)
-                message = f"Generation failed ({err.__class__.__name__}); please try again."
-                request.out.put((None, "error:" + message, time.perf_counter()))
+            taken.append((request, free[len(taken)]))
+        for adapter in dict.fromkeys(request.adapter for request, _ in taken):
+            group = [(request, slot) for request, slot in taken if request.adapter == adapter]
+            logits = self.prefill_together(group) if len(group) > 1 else None
+            for i, (request, slot) in enumerate(group):
+                try:
+                    self.start(request, slot, None if logits is None else logits[i])
+                except Exception as err:  # this request fails alone; the running rows go on
+                    log.exception("Prefill failed")
+                    self.rows.pop(slot, None)
+                    message = f"Generation failed ({err.__class__.__name__}); please try again."
+                    request.out.put((None, "error:" + message, time.perf_counter()))
 
-    def start(self, request: Request, slot: int) -> None:
-        """Prefill a request into `slot` and hand it its first token."""
+    def prefill_together(self, group: list[tuple[Request, int]]) -> torch.Tensor | None:
+        """Logits (n, V) of one adapter's new requests prefilled together, or None if that
+        failed (each is then prefilled alone, so one bad request fails only itself)."""
+        try:
+            self.use_adapter(group[0][0].adapter)
+            return self.runner.prefill_many([(request.ids, slot) for request, slot in group])
+        except Exception:
+            log.exception("Shared prefill failed; prefilling the requests one by one")
+            return None
+
+    def start(self, request: Request, slot: int, logits: torch.Tensor | None = None) -> None:
+        """Prefill a request into `slot` (unless its logits (V,) are given: prefilled already)
+        and hand it its first token."""
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if request.repetition_penalty != 1.0:
             self.seen[slot] = False
             self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
-        self.use_adapter(request.adapter)
-        logits = self.runner.prefill(request.ids, slot)
+        if logits is None:
+            self.use_adapter(request.adapter)
+            logits = self.runner.prefill(request.ids, slot)[0]
         row = Row(request, slot, len(request.ids), 0, 0, generator)
         self.rows[slot] = row
-        self.emit(row, int(self.pick(row, logits[0])))
+        self.emit(row, int(self.pick(row, logits)))
 
     def use_adapter(self, adapter: str | None) -> None:
         if adapter != self.adapter:

@@ -280,6 +280,29 @@ def test_concurrent_generations_equal_sequential_ones(engine):
     assert together == alone
 
 
+def test_requests_arriving_together_share_their_prefill(engine, monkeypatch):
+    """Prompts of different lengths admitted in one go are prefilled in one shared pass (padded)
+    and each still gets the tokens it gets alone; the shared logits match lone prefills."""
+    questions = [PLANETS, "Hi", "What is 2 + 2? Explain your reasoning step by step, please, in detail."]
+    prompts_ids = [prompts.alpaca_prompt_ids(engine.tokenizer, q) for q in questions]
+    assert len({len(ids) for ids in prompts_ids}) == 3, [len(ids) for ids in prompts_ids]
+    settings = GenerationSettings(temperature=0, max_new_tokens=10, ignore_eos=True)
+    alone = [run(engine.generate_ids(ids, settings))[2] for ids in prompts_ids]
+
+    shared = engine.runner.prefill_many
+    calls = []
+    monkeypatch.setattr(engine.runner, "prefill_many", lambda p: calls.append(len(p)) or shared(p))
+    with engine.scheduler.wake:  # the worker waits for this lock, then finds all three waiting
+        streams = [engine.generate_ids(ids, settings) for ids in prompts_ids]
+    assert [run(stream)[2] for stream in streams] == alone
+    assert calls == [3]
+
+    with torch.inference_mode():
+        lone = [engine.runner.prefill(ids, slot)[0] for slot, ids in enumerate(prompts_ids)]
+    together = shared([(ids, slot) for slot, ids in enumerate(prompts_ids)])
+    torch.testing.assert_close(together, torch.stack(lone), atol=1e-3, rtol=1e-3)
+
+
 def test_repetition_penalty_matches_hf_generate(engine):
     ids = prompts.alpaca_prompt_ids(engine.tokenizer, "List ten fruits, separated by commas.")
     settings = GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=1.3, ignore_eos=True)

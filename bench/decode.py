@@ -13,6 +13,7 @@ for HF transformers + bitsandbytes + peft on the same checkpoint and adapter. JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 import time
@@ -23,6 +24,8 @@ import torch
 from bench.random_checkpoints import make_random_adapter, make_random_llama
 from model.engine import Engine, GenerationSettings
 from model.quant import NF4Linear
+
+DEFAULTS = GenerationSettings()  # what the app samples with
 
 
 def device_name(device: torch.device) -> str:
@@ -73,9 +76,16 @@ def final_event(events):
     return deque(events, maxlen=1)[0]
 
 
-def time_ours(engine: Engine, prompt: list[int], new_tokens: int, warmup: int, iters: int, adapter) -> dict:
-    """The engine's own path (what the app shows): generate_ids, stats from its final event."""
-    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+def time_ours(
+    engine: Engine, prompt: list[int], new_tokens: int, warmup: int, iters: int, adapter, greedy: bool = True
+) -> dict:
+    """The engine's own path (what the app shows): generate_ids, stats from its final event.
+
+    greedy=False samples with the app's default settings (temperature, top-p, top-k).
+    """
+    settings = GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True)
+    if greedy:
+        settings = dataclasses.replace(settings, temperature=0.0)
     runs = []
     for i in range(warmup + iters):
         start = time.perf_counter()
@@ -233,6 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = engine.runner.device
     prompt = random_prompt(engine.loaded.args.vocab_size, args.prompt_tokens, seed=0)
     ours = time_ours(engine, prompt, args.new_tokens, args.warmup, args.iters, adapter_name)
+    ours["app_defaults_decode_tok_s"] = time_ours(
+        engine, prompt, args.new_tokens, 2, args.iters, adapter_name, greedy=False
+    )["decode_tok_s"]
     ours["ttft_long_ms"] = time_prefill(engine, args.long_prompt)
     # Read before the copy test below, whose two 1 GiB buffers are the benchmark's, not ours.
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
@@ -290,6 +303,12 @@ def print_table(r: dict) -> None:
         print(
             f"{name:28}{m['ttft_ms']:10.1f}{m['decode_tok_s']:14.1f}{m['e2e_tok_s']:11.1f}{m['gen_s']:8.3f}"
         )
+    sampled = r["ours"]["app_defaults_decode_tok_s"]
+    print(
+        f"decode with the app's default sampling (temperature {DEFAULTS.temperature}, top-p "
+        f"{DEFAULTS.top_p}, top-k {DEFAULTS.top_k}): {sampled:.1f} tok/s"
+        f" ({sampled / r['ours']['decode_tok_s']:.0%} of greedy)"
+    )
     print(f"ttft at long prompt: {r['ours']['ttft_long_ms']:.1f} ms", end="")
     print(f" (bf16 model: {r['bf16_ttft_long_ms']:.1f} ms)" if "bf16_ttft_long_ms" in r else "")
     print(

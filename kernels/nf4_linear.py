@@ -31,9 +31,6 @@ W and x straight into registers (8 rows: half the time of this one).
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -41,8 +38,11 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4 import decode_words, nf4_dequantize
-from kernels.nf4_gemv_rows import CONFIGS as _ROWS_CONFIGS
 from kernels.nf4_gemv_rows import launch_gemv_rows, lora_t, tile_rows
+from kernels.nf4_lora import lora_down
+from kernels.nf4_tune import CONFIGS as _CONFIGS
+from kernels.nf4_tune import TUNED as _TUNED  # noqa: F401 (tests and bench.kernels force configs)
+from kernels.nf4_tune import grid, interpreting, pick_config
 from kernels.reference import NF4_BLOCKSIZE, nf4_code_table
 from kernels.reference import swiglu as _swiglu_reference
 
@@ -200,117 +200,6 @@ def _nf4_gemv_kernel(
         )  # fmt: skip
 
 
-@triton.jit
-def _lora_down_kernel(
-    x_ptr,  # (M, K) activations
-    a_ptr,  # (R, K) LoRA down weight A, rows contiguous
-    t_ptr,  # (cdiv(K, BLOCK_K), M, R) fp32 out: partial sums of x A^T, one a K chunk
-    M,  # rows of x
-    K,  # in features
-    R,  # LoRA rank
-    stride_xm,  # elements between rows of x
-    MP: tl.constexpr,  # M rounded up to a power of two
-    BLOCK_K: tl.constexpr,  # K elements a program
-    PDL: tl.constexpr,  # programmatic dependent launch: releases the GEMV once x is ready
-):
-    """One fp32 partial sum of t[:, j] = x A[j]^T a program: rank index j, K chunk s."""
-    j = tl.program_id(0)
-    s = tl.program_id(1)
-    pdl.wait(PDL)
-    pdl.release(PDL)
-    xm = tl.arange(0, MP)
-    k = s * BLOCK_K + tl.arange(0, BLOCK_K)
-    a = tl.load(a_ptr + j * K + k, mask=k < K, other=0.0).to(tl.float32)
-    xmask = (xm < M)[:, None] & (k < K)[None, :]
-    x = tl.load(x_ptr + xm[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
-    t = tl.sum(x.to(tl.float32) * a[None, :], axis=1)
-    tl.store(t_ptr + (s * M + xm) * R + j, t, mask=xm < M)
-
-
-LORA_BLOCK_K = 1024  # K elements a down-projection program: one load each, no loop
-
-
-def _lora_down(x2: torch.Tensor, lora_a: torch.Tensor, use_pdl: bool) -> torch.Tensor:
-    """(cdiv(K, LORA_BLOCK_K), M, r) fp32 partial sums of x2 A^T: one launch, one load a program.
-
-    The GEMV's epilogue adds the partials in order and rounds t to x's dtype once (as cuBLAS's
-    x A^T would). Partials, not a loop over K, because the GEMV waits for this kernel before its
-    epilogue: a program looping over K=14336 took ~7 us, longer than the GEMV's first tiles
-    (bench/NOTES.md); with cuBLAS here LoRA added 6-7 us a call.
-    """
-    m, k = x2.shape
-    rank = lora_a.shape[0]
-    splits = triton.cdiv(k, LORA_BLOCK_K)
-    t = torch.empty((splits, m, rank), dtype=torch.float32, device=x2.device)
-    lora_a = lora_a.contiguous()
-    _lora_down_kernel[(rank, splits)](
-        x2, lora_a, t, m, k, rank, x2.stride(0), MP=triton.next_power_of_2(m), BLOCK_K=LORA_BLOCK_K,
-        PDL=use_pdl, launch_pdl=use_pdl,
-    )  # fmt: skip
-    return t
-
-
-# (BN, BKW, num_warps, num_stages, programs per SM; 0: one program a tile) tried at the first
-# call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile configs are
-# the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the tuner
-# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs.
-_CONFIGS = {
-    1: [(16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (16, 64, 2, 3, 0), (16, 128, 8, 3, 0),
-        (8, 256, 2, 3, 0), (16, 128, 4, 3, 2), (16, 128, 4, 4, 2), (16, 256, 4, 3, 2),
-        (8, 128, 4, 3, 4), (8, 128, 2, 4, 6), (16, 128, 8, 3, 2)],
-    2: [(16, 128, 4, 3, 0), (8, 128, 4, 3, 0), (8, 256, 4, 3, 0), (16, 128, 4, 3, 2),
-        (8, 128, 4, 3, 4)],
-    4: _ROWS_CONFIGS[4],
-    8: _ROWS_CONFIGS[8],
-}  # fmt: skip
-_TUNED: dict[tuple, tuple[int, ...]] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _tuning_enabled() -> bool:
-    return os.environ.get("NF4_GEMV_TUNE", "1") != "0" and not _interpreting()
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
-def _grid(cfg: tuple[int, int, int, int, int], n_out: int, device: torch.device) -> int:
-    tiles = triton.cdiv(n_out, cfg[0])
-    return tiles if cfg[4] == 0 else min(tiles, cfg[4] * _sm_count(device))
-
-
-def _pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list) -> tuple:
-    """Best config for this shape: timed once per shape outside graph capture, else a default.
-
-    The default is the first candidate that still gives 264 programs (two an H100/H200 SM),
-    or the narrowest one for small N.
-    """
-    if key in _TUNED:
-        return _TUNED[key]
-    fits = [c for c in candidates if c[1] <= max(8, triton.next_power_of_2(kw))]
-    # the staged kernel takes a narrow K step; the rows kernel masks a wide one
-    fits = fits or [(_CONFIGS[mp][0][0], 8, 4, 2, 0) if mp <= 2 else _CONFIGS[mp][0]]
-    plain = [c for c in fits if len(c) < 5 or c[4] == 0] or fits
-    default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
-    if not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
-        return default
-    # do_bench clears the L2 between runs, so weights that fit the 50-60 MB L2 are timed from
-    # memory, as in a decode step.
-    times = {}
-    for c in fits:
-        try:
-            times[c] = triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=15)
-        except triton.runtime.errors.OutOfResources:  # a tile too big for this card's SMs
-            continue
-    _TUNED[key] = min(times, key=times.get) if times else default
-    return _TUNED[key]
-
-
 def _gemv_supported(x2: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> bool:
     """Shapes the GEMV handles: few rows, whole 64-blocks per weight row, word-aligned bytes."""
     n, k = shape
@@ -322,7 +211,7 @@ def _gemv_supported(x2: torch.Tensor, packed: torch.Tensor, shape: tuple[int, in
         and packed.dtype == torch.uint8
         and packed.is_contiguous()
         and packed.data_ptr() % 16 == 0
-        and (x2.is_cuda or _interpreting())
+        and (x2.is_cuda or interpreting())
     )
 
 
@@ -358,29 +247,29 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     code = nf4_code_table(x.device)
     use_pdl = pdl.pdl_enabled(x.device)
     # The down-projection launches last, right before the GEMV, which reads x while it runs.
-    t = _lora_down(x2, lora_a, use_pdl) if rank else scales
+    t = lora_down(x2, lora_a, use_pdl) if rank else scales
 
     def launch(cfg):
         if mp > 2:
             launch_gemv_rows(
                 cfg, xv, words, scales, code, t if rank else None, b if rank else None, y, m,
-                n_out, k, lora_scale, x_kind, swiglu, _interpreting(), use_pdl,
+                n_out, k, lora_scale, x_kind, swiglu, interpreting(), use_pdl,
             )  # fmt: skip
             return
         bn, bkw, warps, stages, per_sm = cfg
-        _nf4_gemv_kernel[(_grid(cfg, n_out, x.device),)](
+        _nf4_gemv_kernel[(grid(cfg, n_out, x.device),)](
             xv, words, scales, code, t, b, y,
             m, t.shape[0] if rank else 0, n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0),
             y.stride(0), float(lora_scale),
             MP=mp, R=rank, RP=triton.next_power_of_2(max(rank, 1)),
             TSP=triton.next_power_of_2(t.shape[0] if rank else 1), BN=bn, BKW=bkw,
-            X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not _interpreting(),
+            X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not interpreting(),
             NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
             launch_pdl=use_pdl,
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
-    launch(_pick_config(key, n_out, k // 8, mp, launch, _CONFIGS[mp]))
+    launch(pick_config(key, n_out, k // 8, mp, launch, _CONFIGS[mp]))
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -29,7 +29,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.decode_attention import _decode_attention_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
-from kernels.nf4_linear import _lora_down_kernel, _nf4_gemv_kernel
+from kernels.nf4_linear import _nf4_gemv_kernel
+from kernels.nf4_lora import _lora_down_kernel
 from kernels.rmsnorm import _rms_norm_forward_kernel
 from kernels.rope import _rope_kernel
 

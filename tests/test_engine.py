@@ -303,6 +303,20 @@ def test_requests_arriving_together_share_their_prefill(engine, monkeypatch):
     torch.testing.assert_close(together, torch.stack(lone), atol=1e-3, rtol=1e-3)
 
 
+def test_a_failed_shared_prefill_falls_back_to_one_by_one(engine, monkeypatch):
+    """If the shared pass fails, each request is prefilled alone and still served."""
+
+    def broken(prompts):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(engine.runner, "prefill_many", broken)
+    settings = GenerationSettings(temperature=0, max_new_tokens=3, ignore_eos=True)
+    ids = [prompts.alpaca_prompt_ids(engine.tokenizer, q) for q in (PLANETS, "Hi")]
+    with engine.scheduler.wake:
+        streams = [engine.generate_ids(i, settings) for i in ids]
+    assert [len(run(stream)[2]) for stream in streams] == [3, 3]
+
+
 def test_repetition_penalty_matches_hf_generate(engine):
     ids = prompts.alpaca_prompt_ids(engine.tokenizer, "List ten fruits, separated by commas.")
     settings = GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=1.3, ignore_eos=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.runner import Runner
+from model.runner import PREFILL_CHUNK, Runner
 from model.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,23 @@ class Row:
     token: int  # the last token, the next step's input
     generated: int
     generator: torch.Generator
+
+
+def prefill_groups(taken: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """Requests that can share prefill passes, in arrival order: one adapter a group, and no more
+    padded tokens (rows x longest prompt) than one lone prefill pass takes (PREFILL_CHUNK), so
+    sharing never needs more activation memory than a long prompt alone."""
+    groups: list[list[tuple[Request, int]]] = []
+    for adapter in dict.fromkeys(request.adapter for request, _ in taken):
+        group: list[tuple[Request, int]] = []
+        for request, slot in (pair for pair in taken if pair[0].adapter == adapter):
+            width = max([len(request.ids)] + [len(r.ids) for r, _ in group])
+            if group and width * (len(group) + 1) > PREFILL_CHUNK:
+                groups.append(group)
+                group = []
+            group.append((request, slot))
+        groups.append(group)
+    return groups
 
 
 class Scheduler:
@@ -142,8 +159,7 @@ class Scheduler:
                 request.out.put((None, "cancelled", time.perf_counter()))
                 continue
             taken.append((request, free[len(taken)]))
-        for adapter in dict.fromkeys(request.adapter for request, _ in taken):
-            group = [(request, slot) for request, slot in taken if request.adapter == adapter]
+        for group in prefill_groups(taken):
             logits = self.prefill_together(group) if len(group) > 1 else None
             for i, (request, slot) in enumerate(group):
                 try:

@@ -303,6 +303,23 @@ def test_requests_arriving_together_share_their_prefill(engine, monkeypatch):
     torch.testing.assert_close(together, torch.stack(lone), atol=1e-3, rtol=1e-3)
 
 
+def test_shared_prefill_groups_are_bounded_like_one_pass():
+    from model.runner import PREFILL_CHUNK
+    from model.scheduler import Request, prefill_groups
+
+    def request(length: int, adapter: str | None = None) -> Request:
+        return Request([1] * length, 0.0, 0, 1.0, 1.0, None, 4, adapter, cancel=None)
+
+    lengths = [600, 500, 650, PREFILL_CHUNK + 5, 10, 20]
+    taken = [(request(n), slot) for slot, n in enumerate(lengths)]
+    taken.insert(2, (request(30, "other"), 9))
+    groups = prefill_groups(taken)
+    assert [[slot for _, slot in g] for g in groups] == [[0, 1, 2], [3], [4, 5], [9]]
+    for group in groups:  # rows x longest prompt within one pass, or a lone long prompt
+        width = max(len(r.ids) for r, _ in group)
+        assert len(group) == 1 or width * len(group) <= PREFILL_CHUNK
+
+
 def test_a_failed_shared_prefill_falls_back_to_one_by_one(engine, monkeypatch):
     """If the shared pass fails, each request is prefilled alone and still served."""
 

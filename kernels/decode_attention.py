@@ -161,10 +161,19 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bsz, scale,
         HQ=hq, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=64,
         SPLITS=splits, SPLIT_LEN=split_len, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
+        PDL=use_pdl, num_warps=4, launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(bsz * hq,)](
-            part, ml, out, bsz * hq, D=d, SPLITS=splits, PDL=use_pdl, num_warps=1, launch_pdl=use_pdl
+            part,
+            ml,
+            out,
+            bsz * hq,
+            D=d,
+            SPLITS=splits,
+            PDL=use_pdl,
+            num_warps=1,
+            launch_pdl=use_pdl,
+            enable_fp_fusion=True,
         )
     return out.reshape(bsz, 1, hq * d)

@@ -135,5 +135,6 @@ def nf4_dequantize(
         out,
         numel,
         BLOCK_BYTES=block,
+        enable_fp_fusion=True,
     )
     return out

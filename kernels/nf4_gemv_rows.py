@@ -243,5 +243,5 @@ def launch_gemv_rows(
         TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), BN=bn,
         BKW=bkw, X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not interpret, EVEN_K=kw % bkw == 0,
         PDL=use_pdl, num_warps=warps, num_stages=1, launch_pdl=use_pdl,
-        enable_fp_fusion=True,  # one FFMA a weight and row; Triton 3.10 turns fusion off by default
+        enable_fp_fusion=True,
     )  # fmt: skip

@@ -265,7 +265,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
             TSP=triton.next_power_of_2(t.shape[0] if rank else 1), BN=bn, BKW=bkw,
             X_KIND=x_kind, SWIGLU=swiglu, DECODE_SHFL=not interpreting(),
             NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
-            launch_pdl=use_pdl, enable_fp_fusion=True,  # the FMA chains (Triton 3.10's default: off)
+            launch_pdl=use_pdl, enable_fp_fusion=True,
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)

@@ -59,6 +59,6 @@ def lora_down(x2: torch.Tensor, lora_a: torch.Tensor, use_pdl: bool) -> torch.Te
     lora_a = lora_a.contiguous()
     _lora_down_kernel[(rank, splits)](
         x2, lora_a, t, m, k, rank, x2.stride(0), MP=triton.next_power_of_2(m), BLOCK_K=LORA_BLOCK_K,
-        PDL=use_pdl, launch_pdl=use_pdl,
+        PDL=use_pdl, launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip
     return t

@@ -147,7 +147,7 @@ def rms_norm_forward(
             x2, r2, s, weight.contiguous(), y, rstd if store_rstd else y,
             x2.stride(0), r2.stride(0), n, eps,
             HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd,
-            BLOCK_N=block, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+            BLOCK_N=block, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl, enable_fp_fusion=True,
         )  # fmt: skip
     return y.view(shape), s.view(shape) if residual is not None else x, rstd
 
@@ -182,7 +182,7 @@ def rms_norm_backward(
         block, warps = _block_and_warps(n)
         _rms_norm_backward_kernel[(programs,)](
             dy2, ds_out2, s2, rstd, weight.contiguous(), ds, dw_partial, m, n,
-            HAS_DS_OUT=ds_out is not None, BLOCK_N=block, num_warps=warps,
+            HAS_DS_OUT=ds_out is not None, BLOCK_N=block, num_warps=warps, enable_fp_fusion=True,
         )  # fmt: skip
     return ds.view(s.shape), dw_partial.sum(0).to(weight.dtype)
 

@@ -101,7 +101,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if y.numel() > 0:
         block = _block(i)
         _swiglu_forward_kernel[_grid(m, i, block)](
-            g2, u2, y, g2.stride(0), u2.stride(0), i, BLOCK=block, num_warps=4
+            g2, u2, y, g2.stride(0), u2.stride(0), i, BLOCK=block, num_warps=4, enable_fp_fusion=True
         )
     return y.view(gate.shape)
 
@@ -118,7 +118,17 @@ def swiglu_backward(
     if dg.numel() > 0:
         block = _block(i)
         _swiglu_backward_kernel[_grid(m, i, block)](
-            dy2, g2, u2, dg, du, g2.stride(0), u2.stride(0), i, BLOCK=block, num_warps=4
+            dy2,
+            g2,
+            u2,
+            dg,
+            du,
+            g2.stride(0),
+            u2.stride(0),
+            i,
+            BLOCK=block,
+            num_warps=4,
+            enable_fp_fusion=True,
         )
     return dg.view(gate.shape), du.view(up.shape)
 

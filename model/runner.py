@@ -61,7 +61,10 @@ class Runner:
         A prefill pass's fixed cost is the weights (NF4: dequantized once a pass), so requests
         that arrive together share it. Shorter prompts are padded at the end: their padding
         writes K/V past the prompt, which decode overwrites position by position before any
-        step can attend to it (a row attends only up to its own position).
+        step can attend to it (a row attends only up to its own position). As with batched
+        decode, a row's logits may differ in their last bits from a lone prefill's on the GPU
+        (more rows can change the kernel that runs: NF4 GEMV up to 8 rows, dequantize + cuBLAS
+        above), not in what they mean.
         """
         lengths = [len(ids) for ids, _ in prompts]
         width = max(lengths)

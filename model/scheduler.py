@@ -64,19 +64,17 @@ class Row:
 
 
 def prefill_groups(taken: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
-    """Requests that can share prefill passes, in arrival order: one adapter a group, and no more
-    padded tokens (rows x longest prompt) than one lone prefill pass takes (PREFILL_CHUNK), so
-    sharing never needs more activation memory than a long prompt alone."""
+    """Requests that can share prefill passes, in arrival order: runs of consecutive arrivals
+    with one adapter, each with no more padded tokens (rows x longest prompt) than one lone
+    prefill pass takes (PREFILL_CHUNK), so sharing never needs more activation memory than a
+    long prompt alone and nobody waits behind a later arrival."""
     groups: list[list[tuple[Request, int]]] = []
-    for adapter in dict.fromkeys(request.adapter for request, _ in taken):
-        group: list[tuple[Request, int]] = []
-        for request, slot in (pair for pair in taken if pair[0].adapter == adapter):
-            width = max([len(request.ids)] + [len(r.ids) for r, _ in group])
-            if group and width * (len(group) + 1) > PREFILL_CHUNK:
-                groups.append(group)
-                group = []
-            group.append((request, slot))
-        groups.append(group)
+    for request, slot in taken:
+        group = groups[-1] if groups else []
+        width = max([len(request.ids)] + [len(r.ids) for r, _ in group])
+        if not group or group[0][0].adapter != request.adapter or width * (len(group) + 1) > PREFILL_CHUNK:
+            groups.append([])
+        groups[-1].append((request, slot))
     return groups
 
 
@@ -162,6 +160,9 @@ class Scheduler:
         for group in prefill_groups(taken):
             logits = self.prefill_together(group) if len(group) > 1 else None
             for i, (request, slot) in enumerate(group):
+                if request.cancel.cancelled:  # cancelled while an earlier group prefilled
+                    request.out.put((None, "cancelled", time.perf_counter()))
+                    continue
                 try:
                     self.start(request, slot, None if logits is None else logits[i])
                 except Exception as err:  # this request fails alone; the running rows go on

@@ -312,12 +312,39 @@ def test_shared_prefill_groups_are_bounded_like_one_pass():
 
     lengths = [600, 500, 650, PREFILL_CHUNK + 5, 10, 20]
     taken = [(request(n), slot) for slot, n in enumerate(lengths)]
-    taken.insert(2, (request(30, "other"), 9))
+    taken.append((request(30, "other"), 9))
+    taken.append((request(30), 10))
     groups = prefill_groups(taken)
-    assert [[slot for _, slot in g] for g in groups] == [[0, 1, 2], [3], [4, 5], [9]]
+    assert [[slot for _, slot in g] for g in groups] == [[0, 1, 2], [3], [4, 5], [9], [10]]
+    # arrival order holds across adapters: a later request never goes first
+    assert [slot for g in groups for _, slot in g] == [slot for _, slot in taken]
     for group in groups:  # rows x longest prompt within one pass, or a lone long prompt
         width = max(len(r.ids) for r, _ in group)
         assert len(group) == 1 or width * len(group) <= PREFILL_CHUNK
+
+
+def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, monkeypatch):
+    import model.scheduler
+
+    ids = prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS)
+    monkeypatch.setattr(model.scheduler, "PREFILL_CHUNK", len(ids))  # one prompt a shared pass
+    cancel = CancelToken()
+    prefill, prefilled = engine.runner.prefill, []
+
+    def cancelling(prompt, slot=0):  # the second request is cancelled during the first's prefill
+        prefilled.append(slot)
+        cancel.cancel()
+        return prefill(prompt, slot)
+
+    monkeypatch.setattr(engine.runner, "prefill", cancelling)
+    settings = GenerationSettings(temperature=0, max_new_tokens=3, ignore_eos=True)
+    with engine.scheduler.wake:
+        first = engine.generate_ids(ids, settings)
+        second = engine.generate_ids(ids, settings, cancel=cancel)
+    assert len(run(first)[2]) == 3
+    events = list(second)
+    assert events[-1].stats.stop_reason == "cancelled" and not events[-1].token_ids
+    assert len(prefilled) == 1
 
 
 def test_a_failed_shared_prefill_falls_back_to_one_by_one(engine, monkeypatch):

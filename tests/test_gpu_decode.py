@@ -121,5 +121,8 @@ def test_pdl_changes_no_logit(checkpoint, graphs, monkeypatch):
             positions = [60 + r for r in range(rows)]
             steps.append(runner.decode(tokens, positions, adapter=name)[:rows].clone())
         results[on] = steps
+        engine.close()
+        del engine, runner
+        torch.cuda.empty_cache()
     for with_pdl, without in zip(results["1"], results["0"]):
         assert torch.equal(with_pdl, without)

@@ -34,6 +34,8 @@ SHAPES = [
     (40, 4096, 5),  # the rows kernel over whole K steps (no K masks), 8 row slots for 5 rows
     (12, 256, 17),  # prefill path
     (48, 4096, 1),  # a Llama-3-8B row length
+    (24, 3072, 1),  # LoRA partial sums over 3 K chunks (not a power of two), 1-2 row kernel
+    (24, 3072, 5),  # the same through the rows kernel
 ]
 DTYPES = [
     (torch.float32, 1e-5, 1e-5),

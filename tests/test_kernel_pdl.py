@@ -61,7 +61,7 @@ cases = {
              SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=False)),
     "gemv_no_lora": (_nf4_gemv_kernel, gemv, dict(MP=1, R=0, RP=1, TSP=4, BN=16, BKW=128, X_KIND=2,
                      SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=True)),
-    "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=256, X_KIND=2,
+    "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=512, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
 }
 for name, (fn, sig, const) in cases.items():

@@ -165,15 +165,7 @@ def decode_attention(
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(bsz * hq,)](
-            part,
-            ml,
-            out,
-            bsz * hq,
-            D=d,
-            SPLITS=splits,
-            PDL=use_pdl,
-            num_warps=1,
-            launch_pdl=use_pdl,
-            enable_fp_fusion=True,
-        )
+            part, ml, out, bsz * hq, D=d, SPLITS=splits, PDL=use_pdl, num_warps=1,
+            launch_pdl=use_pdl, enable_fp_fusion=True,
+        )  # fmt: skip
     return out.reshape(bsz, 1, hq * d)

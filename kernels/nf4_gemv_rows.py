@@ -213,23 +213,9 @@ CONFIGS = {
 
 
 def launch_gemv_rows(
-    cfg,
-    xv,
-    words,
-    scales,
-    code,
-    t,
-    b,
-    y,
-    m,
-    n_out,
-    k,
-    lora_scale,
-    x_kind,
-    swiglu,
-    interpret,
+    cfg, xv, words, scales, code, t, b, y, m, n_out, k, lora_scale, x_kind, swiglu, interpret,
     use_pdl=False,
-):
+):  # fmt: skip
     """One launch of the kernel above for config cfg; argument meanings as in the kernel."""
     rb, bkw, warps = cfg
     bn = rb // 2 if swiglu else rb

@@ -43,16 +43,9 @@ class Runner:
         self.model = model
         self.device = model.tok_embeddings.weight.device
 
-    @torch.inference_mode()
     def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
         """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1 of `slot`."""
-        tokens = torch.tensor([ids], device=self.device)
-        slots = None if slot == 0 else torch.tensor([slot], device=self.device)
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = tokens[:, start : start + PREFILL_CHUNK]
-            positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-            logits = self.model(chunk, positions, attn_len=start + chunk.shape[1], slots=slots)
-        return logits[:, -1]
+        return self.prefill_many([(ids, slot)])
 
     @torch.inference_mode()
     def prefill_many(self, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
@@ -72,7 +65,9 @@ class Runner:
         for row, (ids, _) in enumerate(prompts):
             tokens[row, : len(ids)] = torch.tensor(ids)
         tokens = tokens.to(self.device)
-        slots = torch.tensor([slot for _, slot in prompts], device=self.device)
+        slots = [slot for _, slot in prompts]
+        # rows 0..n-1 attend through views of the cache; other slots through a gathered copy
+        slots = None if slots == list(range(len(prompts))) else torch.tensor(slots, device=self.device)
         last = torch.tensor(lengths) - 1
         out: list[torch.Tensor | None] = [None] * len(prompts)
         for start in range(0, width, PREFILL_CHUNK):

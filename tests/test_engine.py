@@ -349,9 +349,12 @@ def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, mon
 
 def test_a_failed_shared_prefill_falls_back_to_one_by_one(engine, monkeypatch):
     """If the shared pass fails, each request is prefilled alone and still served."""
+    shared = engine.runner.prefill_many
 
-    def broken(prompts):
-        raise RuntimeError("out of memory, say")
+    def broken(prompts):  # only passes of several prompts fail (a lone prefill is one prompt)
+        if len(prompts) > 1:
+            raise RuntimeError("out of memory, say")
+        return shared(prompts)
 
     monkeypatch.setattr(engine.runner, "prefill_many", broken)
     settings = GenerationSettings(temperature=0, max_new_tokens=3, ignore_eos=True)

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="random-r16", help="adapter source, random-r16, or none")
     parser.add_argument("--workdir", default="/tmp/bench-checkpoints", help="where random checkpoints go")
     parser.add_argument("--top", type=int, default=25, help="kernel names to list")
+    parser.add_argument("--rows", type=int, default=1, help="tokens a step (sequences decoded at once)")
     args = parser.parse_args()
 
     source = (
@@ -38,7 +39,7 @@ def main() -> None:
     elif args.adapter != "none":
         adapter = args.adapter
     engine = Engine.load(
-        source, adapters=[adapter] if adapter else [], quantize="nf4", max_seq_len=8192, max_batch=1
+        source, adapters=[adapter] if adapter else [], quantize="nf4", max_seq_len=8192, max_batch=args.rows
     )
     prompt = random_prompt(engine.loaded.args.vocab_size, 60, seed=0)
     settings = GenerationSettings(max_new_tokens=64, temperature=0.0, ignore_eos=True)
@@ -48,7 +49,8 @@ def main() -> None:
     lora.activate(engine.model, engine.adapter_weights[adapter] if adapter else None)
 
     # One eager step under the profiler (graphs hide kernels from it).
-    eager = lambda: engine.model(runner.token[:1], runner.position[:1], attn_len=256)  # noqa: E731
+    rows = args.rows
+    eager = lambda: engine.model(runner.token[:rows], runner.position[:rows], attn_len=256)  # noqa: E731
     with torch.inference_mode():
         eager()
         torch.cuda.synchronize()

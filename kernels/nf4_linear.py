@@ -25,8 +25,9 @@ combines the gate and up rows there too. All sums are fp32; y is rounded once to
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%; the table decode is not what limits it (a variant with no
 lookup at all ran as fast), the shared-memory/LSU pipe is (~80% busy). Its cost grows with the
-rows of x (8 rows: 6.3x the 1-row time), so 3-8 rows go to kernels.nf4_gemv_rows, which loads
-W and x straight into registers (8 rows: half the time of this one).
+rows of x (8 rows: 6.3x the 1-row time), so for 3-8 rows the tuner picks between
+kernels.nf4_gemv_rows (W and x straight into registers, FMAs) and kernels.nf4_mma (the decode
+into tensor-core operands; its cost barely grows with the rows).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from kernels import pdl
 from kernels.nf4 import decode_words, nf4_dequantize
 from kernels.nf4_gemv_rows import launch_gemv_rows, lora_t, tile_rows
 from kernels.nf4_lora import lora_down
+from kernels.nf4_mma import launch_mma
 from kernels.nf4_tune import CONFIGS as _CONFIGS
 from kernels.nf4_tune import TUNED as _TUNED  # noqa: F401 (tests and bench.kernels force configs)
 from kernels.nf4_tune import grid, interpreting, pick_config
@@ -234,7 +236,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
         return y.reshape(*x.shape[:-1], n_out)
 
     m = x2.shape[0]
-    if not x2.is_contiguous() or x2.data_ptr() % 4:
+    mp = triton.next_power_of_2(m)
+    if not x2.is_contiguous() or x2.data_ptr() % (8 if mp > 2 else 4):  # int32 pairs / int64 for MMA
         x2 = x2.clone(memory_format=torch.contiguous_format)
     x_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
     xv = x2 if x_kind == 0 else x2.view(torch.int32)
@@ -243,13 +246,18 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     rank = 0 if lora_a is None else lora_a.shape[0]
     b = lora_b.contiguous() if rank else scales
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    mp = triton.next_power_of_2(m)
     code = nf4_code_table(x.device)
     use_pdl = pdl.pdl_enabled(x.device)
     # The down-projection launches last, right before the GEMV, which reads x while it runs.
     t = lora_down(x2, lora_a, use_pdl) if rank else scales
 
     def launch(cfg):
+        if cfg[0] == "mma":
+            launch_mma(
+                cfg[1:], x2.view(torch.int64), words.view(torch.int64), scales, t if rank else None,
+                b if rank else None, y, m, n_out, k, lora_scale, x_kind, swiglu, interpreting(), use_pdl,
+            )  # fmt: skip
+            return
         if mp > 2:
             launch_gemv_rows(
                 cfg, xv, words, scales, code, t if rank else None, b if rank else None, y, m,
@@ -269,7 +277,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
-    launch(pick_config(key, n_out, k // 8, mp, launch, _CONFIGS[mp]))
+    candidates = [c for c in _CONFIGS[mp] if x_kind or c[0] != "mma"]  # MMA: 16-bit x only
+    launch(pick_config(key, n_out, k // 8, mp, launch, candidates))
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -15,11 +15,13 @@ import triton
 import triton.testing
 
 from kernels.nf4_gemv_rows import CONFIGS as ROWS_CONFIGS
+from kernels.nf4_mma import CONFIGS as MMA_CONFIGS
 
 # (BN, BKW, num_warps, num_stages, programs per SM; 0: one program a tile) tried at the first
 # call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile configs are
 # the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the tuner
-# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs.
+# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs,
+# or kernels.nf4_mma (tensor cores; 16-bit x only), whichever is faster for the shape.
 CONFIGS = {
     1: [(16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (16, 64, 2, 3, 0), (16, 128, 8, 3, 0),
         (8, 256, 2, 3, 0), (16, 128, 4, 3, 2), (16, 128, 4, 4, 2), (16, 256, 4, 3, 2),
@@ -29,6 +31,8 @@ CONFIGS = {
     4: ROWS_CONFIGS[4],
     8: ROWS_CONFIGS[8],
 }  # fmt: skip
+for _rows in (4, 8):  # the tensor-core GEMV (kernels/nf4_mma.py), 16-bit x: ("mma", tiles, warps)
+    CONFIGS[_rows] = CONFIGS[_rows] + [("mma", *c) for c in MMA_CONFIGS]
 TUNED: dict[tuple, tuple[int, ...]] = {}
 
 
@@ -58,10 +62,11 @@ def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: li
     """
     if key in TUNED:
         return TUNED[key]
-    fits = [c for c in candidates if c[1] <= max(8, triton.next_power_of_2(kw))]
+    fits = [c for c in candidates if c[0] == "mma" or c[1] <= max(8, triton.next_power_of_2(kw))]
     # the staged kernel takes a narrow K step; the rows kernel masks a wide one
-    fits = fits or [(candidates[0][0], 8, 4, 2, 0) if mp <= 2 else candidates[0]]
-    plain = [c for c in fits if len(c) < 5 or c[4] == 0] or fits
+    if not [c for c in fits if c[0] != "mma"]:
+        fits.append((candidates[0][0], 8, 4, 2, 0) if mp <= 2 else candidates[0])
+    plain = [c for c in fits if c[0] != "mma" and (len(c) < 5 or c[4] == 0)]
     default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
     if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
         return default

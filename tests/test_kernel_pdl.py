@@ -31,6 +31,7 @@ from kernels.decode_attention import _decode_attention_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_linear import _nf4_gemv_kernel
 from kernels.nf4_lora import _lora_down_kernel
+from kernels.nf4_mma import _nf4_mma_kernel
 from kernels.rmsnorm import _rms_norm_forward_kernel
 from kernels.rope import _rope_kernel
 
@@ -63,6 +64,9 @@ cases = {
                      SWIGLU=False, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=True)),
     "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=512, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
+    "gemv_mma": (_nf4_mma_kernel, {**{k: v for k, v in gemv.items() if k not in ("kw", "stride_xm")},
+                 "x_ptr": "*i64", "w_ptr": "*i64", "kq": "i32", "stride_xq": "i32"},
+                 dict(R=16, RP=16, TSP=4, TILES=1, WARPS=4, X_KIND=2, SWIGLU=False, ASM=True)),
 }
 for name, (fn, sig, const) in cases.items():
     for on in (True, False):

@@ -1,0 +1,80 @@
+"""Every GEMV candidate the tuner weighs, per Llama-3-8B shape and rows of x: error and time.
+
+    python -m bench.gemv_probe [--rows 1 2 4 8]
+
+For each shape (bench.kernels.SHAPES and the stacked gate+up with SwiGLU), rows of x and LoRA
+r=16 off/on (on for 1 and 8 rows), forces each config of kernels.nf4_tune.CONFIGS in turn:
+first its max error relative to kernels.reference (bf16), then its time in a CUDA graph over
+weight copies that overflow the L2 (bench.kernels.graph_time_us). Prints the best FMA kernel and
+the best tensor-core (MMA) kernel with their fraction of the copy bandwidth, then each MMA config.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from bench.kernels import SHAPES, copy_bandwidth, graph_time_us, quantized
+from kernels import nf4_linear as gemv
+from kernels import reference
+
+
+def probe(bnb, bw, name, n, k, swiglu, rows_list):
+    op = gemv.nf4_linear_swiglu if swiglu else gemv.nf4_linear
+    ref_op = reference.nf4_linear_swiglu if swiglu else reference.nf4_linear
+    n_out = n // 2 if swiglu else n
+    wbytes = n * k // 2 + n * k // 64 * 4
+    copies = max(2, -(-256 * 2**20 // wbytes))
+    sets = quantized(n, k, copies, bnb)
+    a = torch.randn(16, k, device="cuda", dtype=torch.bfloat16) * 0.01
+    b = torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.01
+    for m in rows_list:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for lora in (False, True) if m in (1, 8) else (False,):
+            extra = (a, b, 2.0) if lora else ()
+            key = (x.device, n_out, k, triton.next_power_of_2(m), x.dtype, swiglu, lora)
+            want = ref_op(x, sets[0][0], sets[0][1], (n, k), *extra).float()
+            results = []
+            for cfg in gemv._CONFIGS[key[3]]:
+                gemv._TUNED[key] = cfg
+                y = op(x, sets[0][0], sets[0][1], (n, k), *extra).float()
+                err = ((y - want).abs().max() / want.abs().max()).item()
+                us = graph_time_us(
+                    lambda i, x=x, extra=extra: op(x, sets[i][0], sets[i][1], (n, k), *extra), copies
+                )
+                results.append((us, cfg, err))
+            gemv._TUNED.pop(key)
+            results.sort(key=lambda r: r[0])
+            nbytes = wbytes + 2 * k * m
+
+            def pct(us, nbytes=nbytes):
+                return nbytes / (us * 1e-6) / bw * 100
+
+            fma = next(r for r in results if r[1][0] != "mma")
+            line = f"{name:15s} rows {m} lora {int(lora)}: fma {fma[0]:7.2f} us {pct(fma[0]):4.1f}% {fma[1]}"
+            mma = next((r for r in results if r[1][0] == "mma"), None)
+            if mma:
+                line += f" | mma {mma[0]:7.2f} us {pct(mma[0]):4.1f}% {mma[1][1:]} x{fma[0] / mma[0]:.2f}"
+            print(line, f"| worst error {max(r[2] for r in results):.1e}", flush=True)
+            for us, cfg, err in results:
+                if cfg[0] == "mma":
+                    print(f"    mma {cfg[1:]} {us:7.2f} us, error {err:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="rows of x")
+    args = parser.parse_args()
+    import bitsandbytes as bnb
+
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, copy {bw / 1e9:.0f} GB/s")
+    cases = [(key, shape, False) for key, shape in SHAPES.items()]
+    for name, (n, k), swiglu in cases + [("gate+up swiglu", (2 * 14336, 4096), True)]:
+        probe(bnb, bw, name, n, k, swiglu, args.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""kernels/nf4_mma.py (NF4 GEMV on tensor cores, 1-8 rows of 16-bit x) against an fp64 oracle.
+
+The kernel rounds each code value to x's 16-bit format (the reference's dequantized weight is
+rounded the same way, after the absmax product), so the tolerances are the dtype's. On CPU the
+MMA is emulated from the same per-lane registers under TRITON_INTERPRET=1: that checks the data
+arrangement (which bytes and x values each lane loads, which fragment lands where, the K shares'
+sum, LoRA, SwiGLU); the GPU-marked tests run the PTX. A compile check for sm_90 pins what the
+PTX relies on: every operand of the inline assembly has one element a thread in a 1-D layout.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import compile_for_hopper  # noqa: E402
+
+from kernels import nf4_mma, reference  # noqa: E402
+from kernels.nf4_lora import lora_down  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _run(n, k, rows, dtype, rank, swiglu, cfg, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g).to(DEVICE)
+    absmax = (torch.rand(n * k // 64, generator=g) + 0.25).to(DEVICE)
+    x = (torch.randn(rows, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    a = (torch.randn(rank, k, generator=g) * 0.3).to(DEVICE, dtype) if rank else None
+    b = (torch.randn(n, rank, generator=g) * 0.3).to(DEVICE, dtype) if rank else None
+    want = x.double() @ reference.nf4_dequantize(packed, absmax, (n, k), torch.float64).T
+    if rank:
+        want = want + (x.double() @ a.double().T) @ b.double().T * scale
+    if swiglu:
+        gate, up = want.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+    n_out = n // 2 if swiglu else n
+    y = torch.full((rows, n_out), float("nan"), dtype=dtype, device=DEVICE)
+    t = lora_down(x, a, False) if rank else None
+    x_kind = 1 if dtype == torch.float16 else 2
+    interpret = not torch.cuda.is_available()
+    nf4_mma.launch_mma(
+        cfg, x.view(torch.int64), packed.view(torch.int64), absmax, t, b, y, rows, n_out, k, scale,
+        x_kind, swiglu, interpret, False,
+    )  # fmt: skip
+    return y, want
+
+
+# (N, K, rows): one tile and one block; N not a multiple of 16 and 5 blocks (odd against the
+# K shares and the two-block step); all 8 MMA columns; SwiGLU with partial tiles.
+SHAPES = [(16, 64, 1), (40, 320, 3), (48, 576, 8), (2 * 24, 192, 5)]
+
+
+@pytest.mark.parametrize("n, k, rows", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rank", [0, 5])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_matches_oracle(n, k, rows, dtype, rank, swiglu):
+    y, want = _run(n, k, rows, dtype, rank, swiglu, (2, 8), seed=n + k + rows + rank)
+    torch.testing.assert_close(y.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("cfg", nf4_mma.CONFIGS)
+def test_every_config(cfg):
+    y, want = _run(2 * 40, 320, 7, torch.bfloat16, 16, True, cfg, seed=3)
+    torch.testing.assert_close(y.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
+
+
+def test_code_bits_are_the_rounded_codes():
+    for dtype in (torch.float16, torch.bfloat16):
+        want = torch.tensor(reference.NF4_CODE, dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        assert nf4_mma._code_bits(dtype) == want.tolist()
+
+
+_COMPILE_CHECK = """
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.nf4_mma import _nf4_mma_kernel
+
+sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
+           b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kq="i32", kb="i32",
+           stride_xq="i32", stride_ym="i32", lora_scale="fp32")
+for x_kind, ab in ((1, "f16"), (2, "bf16")):
+    for tiles, warps, swiglu in ((1, 4, False), (2, 8, True), (4, 16, False)):
+        const = dict(R=16, RP=16, TSP=4, TILES=tiles, WARPS=warps, X_KIND=x_kind, SWIGLU=swiglu,
+                     ASM=True, PDL=False)
+        k = triton.compile(ASTSource(_nf4_mma_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": 1})
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in k.asm["ptx"]
+        ttgir = k.asm["ttgir"]
+        layouts = dict(re.findall(r"^(#\\w+) = (.*)$", ttgir, re.M))
+        asm_types = re.findall(r"tt.elementwise_inline_asm .*", ttgir)
+        assert asm_types
+        for line in asm_types:
+            for shape, enc in re.findall(r"tensor<(\\w+)x\\w+, (#\\w+)>", line.split(" : ", 1)[1]):
+                assert shape == str(32 * warps), line[-200:]
+                want = f"sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}]"
+                assert want in layouts[enc], (enc, layouts[enc])
+"""
+
+
+def test_compiles_for_hopper_with_one_element_a_thread():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    compile_for_hopper(_COMPILE_CHECK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cfg", nf4_mma.CONFIGS)
+@pytest.mark.parametrize("n, k, swiglu", [(14336, 4096, False), (4096, 14336, False), (28672, 4096, True)])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_llama_shapes_on_gpu(cfg, n, k, swiglu, rows):
+    y, want = _run(n, k, rows, torch.bfloat16, 16, swiglu, cfg, seed=5, scale=2.0)
+    torch.testing.assert_close(y.double(), want, atol=1.6e-2, rtol=1.6e-2)
+    assert ((y.double() - want).norm() / want.norm()).item() < 6e-3
+
+
+def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_3_to_8_rows(monkeypatch):
+    from kernels import nf4_linear
+
+    offered = []
+    pick = nf4_linear.pick_config
+
+    def spy(key, n_out, kw, mp, launch, candidates):
+        offered.append((key[3], key[4], any(c[0] == "mma" for c in candidates)))
+        return pick(key, n_out, kw, mp, launch, candidates)
+
+    monkeypatch.setattr(nf4_linear, "pick_config", spy)
+    packed = torch.randint(0, 256, (32 * 64 // 2,), dtype=torch.uint8).to(DEVICE)
+    absmax = torch.ones(32, device=DEVICE)
+    for rows, dtype in ((4, torch.float32), (4, torch.bfloat16), (2, torch.bfloat16), (8, torch.float16)):
+        nf4_linear.nf4_linear(torch.randn(rows, 64, device=DEVICE, dtype=dtype), packed, absmax, (32, 64))
+    assert offered == [
+        (4, torch.float32, False),
+        (4, torch.bfloat16, True),
+        (2, torch.bfloat16, False),
+        (8, torch.float16, True),
+    ]

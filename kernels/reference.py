@@ -39,6 +39,11 @@ def nf4_pair_table(device: torch.device) -> torch.Tensor:
     return torch.stack((code[byte >> 4], code[byte & 0xF]), dim=-1)
 
 
+def embedding(tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table[tokens]: the rows of the (V, D) embedding table, on the table's device."""
+    return F.embedding(tokens, table)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / sqrt(mean(x^2) + eps)), the mean taken in fp32 (HF LlamaRMSNorm)."""
     h = x.float()

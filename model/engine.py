@@ -289,6 +289,10 @@ class Engine:
         if loaded.device.type == "cuda":
             device = f"{loaded.device} ({torch.cuda.get_device_name(loaded.device)})"
             memory = f"{torch.cuda.memory_allocated(loaded.device) / 1e9:.2f} GB GPU"
+            embed = self.model.tok_embeddings.weight
+            if embed.device.type == "cpu":
+                host_gb = embed.numel() * embed.element_size() / 1e9
+                memory += f" (+ {host_gb:.2f} GB input embeddings in host memory)"
         else:
             device = "cpu"
             memory = f"{loaded.peak_host_memory_bytes / 1e9:.2f} GB peak RSS"

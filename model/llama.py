@@ -146,7 +146,7 @@ class Transformer(nn.Module):
 
     def setup_caches(self, slots: int, max_seq_len: int) -> None:
         """Allocate the static KV cache and the RoPE table for max_seq_len positions."""
-        device = self.tok_embeddings.weight.device
+        device = self.device
         shape = (slots, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
         for layer in self.layers:
             layer.attention.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
@@ -155,6 +155,11 @@ class Transformer(nn.Module):
         self.rope_cos = angles.cos().to(device)  # (S, D/2) float32
         self.rope_sin = angles.sin().to(device)
         self.max_seq_len, self.slots = max_seq_len, slots
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (the input embedding may sit in pinned host memory)."""
+        return self.norm.weight.device
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -177,7 +182,7 @@ class Transformer(nn.Module):
             key_pos = torch.arange(attn_len, device=tokens.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
         rows = (torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots)[:, None]
-        x, residual = self.tok_embeddings(tokens), None
+        x, residual = self.ops.embedding(tokens, self.tok_embeddings.weight), None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, positions, slots, rows, attn_len, mask)
         x, _ = self.norm(x, residual)

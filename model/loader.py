@@ -323,6 +323,22 @@ def fill_projection(
         assign(model, f"{target}.weight", torch.cat([weight(name, shape) for name, shape in parts]))
 
 
+def embeddings_in_host_memory(args: ModelArgs, device: torch.device, use_triton: bool) -> bool:
+    """Untied input embeddings stay in pinned host memory when the Triton kernels run on CUDA:
+    a step reads one 8 KB row a token of Llama-3-8B's 1.05 GB table (kernels/embedding.py). A
+    tied table is also the lm_head, read whole every step, so it goes to the GPU."""
+    return device.type == "cuda" and use_triton and not args.tie_word_embeddings
+
+
+def host_table_readable(ops, table: torch.Tensor, device: torch.device) -> bool:
+    """Whether the kernels on `device` read this pinned host table right (one row, at load)."""
+    try:
+        row = ops.embedding(torch.zeros(1, dtype=torch.long, device=device), table)
+        return bool(torch.equal(row.cpu(), table[:1]))
+    except (RuntimeError, ValueError):
+        return False
+
+
 def build(
     args: ModelArgs,
     get: Callable[[str], torch.Tensor],
@@ -357,7 +373,17 @@ def build(
         "feed_forward.w13": [("mlp.gate_proj", (hidden, dim)), ("mlp.up_proj", (hidden, dim))],
         "feed_forward.w2": [("mlp.down_proj", (dim, hidden))],
     }
-    dense("tok_embeddings.weight", "model.embed_tokens.weight")
+    embed = get("model.embed_tokens.weight").to(dtype)
+    if embeddings_in_host_memory(args, device, use_triton):
+        embed = embed.cpu().contiguous().pin_memory()
+        if not host_table_readable(model.ops, embed, device):  # a driver without mapped memory
+            embed = embed.to(device)
+    assign(
+        model,
+        "tok_embeddings.weight",
+        embed.to(device) if not embed.is_pinned() else embed,
+        "model.embed_tokens.weight",
+    )
     dense("norm.weight", "model.norm.weight")
     if model.output is not None:
         dense("output.weight", "lm_head.weight")

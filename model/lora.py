@@ -139,7 +139,7 @@ def build_adapter(model: Transformer, source: str) -> Adapter:
         "feed_forward.w13": (args.intermediate_size, args.intermediate_size),
         "feed_forward.w2": (args.dim,),
     }
-    device = model.tok_embeddings.weight.device
+    device = model.device
     adapter: Adapter = {}
     for layer in range(args.n_layers):
         for target, parts in STACKS.items():

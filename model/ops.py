@@ -18,6 +18,7 @@ from kernels import reference
 @dataclass(frozen=True)
 class Ops:
     name: str  # what the UI shows under "kernels"
+    embedding: Callable
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable
@@ -31,6 +32,7 @@ class Ops:
 
 REFERENCE_OPS = Ops(
     name="PyTorch reference",
+    embedding=reference.embedding,
     rms_norm=reference.rms_norm,
     add_rms_norm=reference.add_rms_norm,
     rope=reference.rope,
@@ -45,10 +47,11 @@ REFERENCE_OPS = Ops(
 
 def triton_ops() -> Ops:
     """The Triton kernels; imported on demand so CPU-only installs never compile anything."""
-    from kernels import decode_attention, nf4, nf4_linear, rmsnorm, rope, swiglu
+    from kernels import decode_attention, embedding, nf4, nf4_linear, rmsnorm, rope, swiglu
 
     return Ops(
         name="Triton",
+        embedding=embedding.embedding,
         rms_norm=rmsnorm.rms_norm,
         add_rms_norm=rmsnorm.add_rms_norm,
         rope=rope.rope,

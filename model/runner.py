@@ -41,7 +41,7 @@ class Runner:
 
     def __init__(self, model: Transformer):
         self.model = model
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
 
     def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
         """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1 of `slot`."""

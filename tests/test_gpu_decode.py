@@ -81,6 +81,7 @@ def test_matches_hf_bnb_peft(checkpoint):
 
     ours = load(folder, adapter, graphs=True)
     assert ours.model.layers[0].attention.wqkv.packed.numel() > 0
+    assert ours.model.tok_embeddings.weight.is_pinned()  # untied: the table stays in host memory
     with torch.inference_mode():
         tokens = torch.tensor([sequence], device="cuda")
         positions = torch.arange(len(sequence), device="cuda")[None]

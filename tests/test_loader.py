@@ -5,6 +5,7 @@ and sources that are not models at all."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -355,3 +356,23 @@ def test_broken_checkpoint_gives_one_sentence(tmp_path, bf16_folder, damage, wor
         load_model(str(folder), device="cpu")
     assert words in str(err.value)
     assert_one_sentence(str(err.value))
+
+
+def test_input_embeddings_stay_in_host_memory_only_untied_on_cuda_with_the_kernels():
+    from model.loader import embeddings_in_host_memory, host_table_readable
+    from model.ops import REFERENCE_OPS
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    untied, tied = (ModelArgs.from_hf_config(tiny_config(tie_word_embeddings=t)) for t in (False, True))
+    assert embeddings_in_host_memory(untied, cuda, use_triton=True)
+    assert not embeddings_in_host_memory(tied, cuda, use_triton=True)  # it is also the lm_head
+    assert not embeddings_in_host_memory(untied, cuda, use_triton=False)  # F.embedding needs it on the GPU
+    assert not embeddings_in_host_memory(untied, cpu, use_triton=True)
+    table = torch.randn(5, 3)
+    assert host_table_readable(REFERENCE_OPS, table, cpu)
+
+    def broken(tokens, table):
+        raise RuntimeError("no mapped memory")
+
+    no_mapping = dataclasses.replace(REFERENCE_OPS, embedding=broken)
+    assert not host_table_readable(no_mapping, table, cpu)

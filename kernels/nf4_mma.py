@@ -50,20 +50,9 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
+from kernels.nf4 import lane_table_ptx
 from kernels.nf4_gemv_rows import rows_epilogue, tile_rows
 from kernels.reference import NF4_CODE
-
-
-def _lane_table_ptx(values: list[int]) -> str:
-    """PTX leaving values[laneid % 16] (32-bit patterns) in $0, by a 4-level select tree."""
-    lines = ["{", ".reg .u32 l, b;", ".reg .pred p<4>;", ".reg .b32 t<14>;", "mov.u32 l, %laneid;"]
-    for i in range(4):
-        lines += [f"and.b32 b, l, {1 << i};", f"setp.ne.u32 p{i}, b, 0;"]
-    for i in range(8):
-        lines.append(f"selp.b32 t{i}, {values[2 * i + 1]}, {values[2 * i]}, p0;")
-    lines += [f"selp.b32 t{8 + i}, t{2 * i + 1}, t{2 * i}, p1;" for i in range(4)]
-    lines += ["selp.b32 t12, t9, t8, p2;", "selp.b32 t13, t11, t10, p2;"]
-    return "\n".join([*lines, "selp.b32 $0, t13, t12, p3;", "}"])
 
 
 def _code_bits(dtype: torch.dtype) -> list[int]:
@@ -124,7 +113,7 @@ def _block_ptx(ab: str) -> str:
 
 _TID_PTX = tl.constexpr("mov.u32 $0, %tid.x;")
 _TABLES_PTX = {
-    (x_kind, half): tl.constexpr(_lane_table_ptx([(v << 16) if half else v for v in _code_bits(dt)]))
+    (x_kind, half): tl.constexpr(lane_table_ptx([(v << 16) if half else v for v in _code_bits(dt)]))
     for x_kind, dt in ((1, torch.float16), (2, torch.bfloat16))
     for half in (0, 1)
 }

@@ -32,6 +32,22 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scores sampling draws from (-inf where filtered) and their token ids (None: the scores
+    cover the whole vocabulary, (B, V)).
+
+    With top-k on and exactly k tokens at or above the k-th score (no tie at it), those k are
+    what filter_top_k_top_p keeps of the vocabulary, so top-p sorts k scores instead of V (128k
+    for Llama 3): the same tokens kept, the same probabilities. A tie at the k-th score keeps
+    every tied token, as transformers does: that rare case takes the whole-vocabulary path.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        values, index = torch.topk(logits, top_k, dim=-1)
+        if bool(((logits >= values[..., -1:]).sum(dim=-1) == top_k).all()):
+            return filter_top_k_top_p(values, 0, top_p), index
+    return filter_top_k_top_p(logits, top_k, top_p), None
+
+
 def sample(
     logits: torch.Tensor,  # (B, V)
     seen: torch.Tensor,  # (B, V) bool
@@ -45,6 +61,6 @@ def sample(
     logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    scores, index = candidates(logits / temperature, top_k, top_p)
+    choice = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
+    return (choice if index is None else index.gather(-1, choice)).squeeze(-1)

@@ -35,7 +35,7 @@ from model.engine import GenerationSettings
 from model.loader import LoadedModel, build, load_model
 from model.ops import REFERENCE_OPS
 from model.quant import NF4Linear, quantize_nf4
-from model.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
+from model.sampling import apply_repetition_penalty, candidates, filter_top_k_top_p, sample
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -233,3 +233,30 @@ def test_sampling_filters_match_transformers(temperature, top_k, top_p, penalty)
     ]
     assert torch.equal(draws[0], draws[1])
     assert not torch.isinf(ours.gather(1, draws[0][:, None])).any()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.95), (5, 0.5), (50, 1.0), (1, 0.9)])
+def test_top_k_candidates_keep_what_the_whole_vocabulary_filter_keeps(top_k, top_p):
+    generator = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(4, 5000, generator=generator) * 3
+    scores, index = candidates(logits, top_k, top_p)
+    assert index is not None and scores.shape == (4, top_k)
+    spread = torch.full_like(logits, float("-inf")).scatter(1, index, scores)
+    assert torch.equal(spread, filter_top_k_top_p(logits, top_k, top_p))
+    # The same probabilities, so the same distribution of draws.
+    torch.testing.assert_close(
+        spread.softmax(-1), filter_top_k_top_p(logits, top_k, top_p).softmax(-1), atol=1e-7, rtol=0
+    )
+
+
+def test_a_tie_at_the_kth_score_keeps_every_tied_token():
+    from transformers import TopKLogitsWarper
+
+    logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0]])
+    scores, index = candidates(logits, 3, 1.0)
+    assert index is None  # the whole-vocabulary path
+    expected = TopKLogitsWarper(3)(None, logits.clone())
+    assert torch.equal(scores, expected) and (~torch.isinf(scores)).sum() == 5
+    draws = {int(sample(logits, torch.zeros_like(logits, dtype=torch.bool), 1.0, 3, 1.0, 1.0,
+                        torch.Generator().manual_seed(s))) for s in range(200)}  # fmt: skip
+    assert draws <= {0, 1, 2, 3, 4} and {2, 3, 4} & draws

@@ -6,12 +6,14 @@ For each shape (bench.kernels.SHAPES and the stacked gate+up with SwiGLU), rows 
 r=16 off/on (on for 1 and 8 rows), forces each config of kernels.nf4_tune.CONFIGS in turn:
 first its max error relative to kernels.reference (bf16), then its time in a CUDA graph over
 weight copies that overflow the L2 (bench.kernels.graph_time_us). Prints the best FMA kernel and
-the best tensor-core (MMA) kernel with their fraction of the copy bandwidth, then each MMA config.
+the best tensor-core (MMA) kernel with their fraction of the copy bandwidth, then each MMA config;
+a JSON line of every config last.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 import triton
@@ -21,7 +23,7 @@ from kernels import nf4_linear as gemv
 from kernels import reference
 
 
-def probe(bnb, bw, name, n, k, swiglu, rows_list):
+def probe(bnb, bw, name, n, k, swiglu, rows_list) -> list[dict]:
     op = gemv.nf4_linear_swiglu if swiglu else gemv.nf4_linear
     ref_op = reference.nf4_linear_swiglu if swiglu else reference.nf4_linear
     n_out = n // 2 if swiglu else n
@@ -30,6 +32,7 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list):
     sets = quantized(n, k, copies, bnb)
     a = torch.randn(16, k, device="cuda", dtype=torch.bfloat16) * 0.01
     b = torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.01
+    rows = []
     for m in rows_list:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for lora in (False, True) if m in (1, 8) else (False,):
@@ -61,6 +64,11 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list):
             for us, cfg, err in results:
                 if cfg[0] == "mma":
                     print(f"    mma {cfg[1:]} {us:7.2f} us, error {err:.1e}")
+                rows.append(
+                    {"shape": name, "rows": m, "lora": lora, "config": list(cfg), "us": round(us, 2),
+                     "copy_fraction": round(pct(us) / 100, 3), "max_rel_error": err}
+                )  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -72,8 +80,10 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, copy {bw / 1e9:.0f} GB/s")
     cases = [(key, shape, False) for key, shape in SHAPES.items()]
+    rows = []
     for name, (n, k), swiglu in cases + [("gate+up swiglu", (2 * 14336, 4096), True)]:
-        probe(bnb, bw, name, n, k, swiglu, args.rows)
+        rows += probe(bnb, bw, name, n, k, swiglu, args.rows)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "configs": rows}))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on
 shapes against bitsandbytes' 23-24%; the table decode is not what limits it (a variant with no
 lookup at all ran as fast), the shared-memory/LSU pipe is (~80% busy). Its cost grows with the
 rows of x (8 rows: 6.3x the 1-row time), so for 3-8 rows the tuner picks between
-kernels.nf4_gemv_rows (W and x straight into registers, FMAs) and kernels.nf4_mma (the decode
-into tensor-core operands; its cost barely grows with the rows).
+kernels.nf4_gemv_rows (W and x straight into registers, FMAs) and, for fp16/bf16 x on sm_80 and
+later, kernels.nf4_mma (the decode into tensor-core operands; its cost barely grows with rows).
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import pdl
+from kernels import nf4_mma, pdl
 from kernels.nf4 import decode_words, nf4_dequantize
 from kernels.nf4_gemv_rows import launch_gemv_rows, lora_t, tile_rows
 from kernels.nf4_lora import lora_down
-from kernels.nf4_mma import launch_mma
 from kernels.nf4_tune import CONFIGS as _CONFIGS
 from kernels.nf4_tune import TUNED as _TUNED  # noqa: F401 (tests and bench.kernels force configs)
 from kernels.nf4_tune import grid, interpreting, pick_config
@@ -253,7 +252,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
 
     def launch(cfg):
         if cfg[0] == "mma":
-            launch_mma(
+            nf4_mma.launch_mma(
                 cfg[1:], x2.view(torch.int64), words.view(torch.int64), scales, t if rank else None,
                 b if rank else None, y, m, n_out, k, lora_scale, x_kind, swiglu, interpreting(), use_pdl,
             )  # fmt: skip
@@ -277,7 +276,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
         )  # fmt: skip
 
     key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
-    candidates = [c for c in _CONFIGS[mp] if x_kind or c[0] != "mma"]  # MMA: 16-bit x only
+    mma = x_kind > 0 and (interpreting() or nf4_mma.supported(x.device))  # 16-bit x, sm_80+
+    candidates = [c for c in _CONFIGS[mp] if mma or c[0] != "mma"]
     launch(pick_config(key, n_out, k // 8, mp, launch, candidates))
     return y.reshape(*x.shape[:-1], n_out)
 

@@ -8,6 +8,7 @@ Under the interpreter, during capture, or with NF4_GEMV_TUNE=0, a fixed default 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -33,7 +34,8 @@ CONFIGS = {
 }  # fmt: skip
 for _rows in (4, 8):  # the tensor-core GEMV (kernels/nf4_mma.py), 16-bit x: ("mma", tiles, warps)
     CONFIGS[_rows] = CONFIGS[_rows] + [("mma", *c) for c in MMA_CONFIGS]
-TUNED: dict[tuple, tuple[int, ...]] = {}
+log = logging.getLogger(__name__)
+TUNED: dict[tuple, tuple] = {}  # (BN, BKW, ...), (rows, BKW, warps) or ("mma", tiles, warps)
 
 
 def interpreting() -> bool:
@@ -57,8 +59,9 @@ def grid(cfg: tuple[int, int, int, int, int], n_out: int, device: torch.device) 
 def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list) -> tuple:
     """Best config for this shape: timed once per shape outside graph capture, else a default.
 
-    The default is the first candidate that still gives 264 programs (two an H100/H200 SM),
-    or the narrowest one for small N.
+    The default is the first FMA candidate that still gives 264 programs (two an H100/H200 SM),
+    or the narrowest one for small N; never an MMA one. A candidate that fails to compile or
+    launch on this device is skipped.
     """
     if key in TUNED:
         return TUNED[key]
@@ -76,7 +79,8 @@ def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: li
     for c in fits:
         try:
             times[c] = triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=15)
-        except triton.runtime.errors.OutOfResources:  # a tile too big for this card's SMs
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError):
+            log.warning("NF4 GEMV config %s does not run on this device; skipped", c, exc_info=True)
             continue
     TUNED[key] = min(times, key=times.get) if times else default
     return TUNED[key]

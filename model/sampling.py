@@ -36,15 +36,17 @@ def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Te
     """The scores sampling draws from (-inf where filtered) and their token ids (None: the scores
     cover the whole vocabulary, (B, V)).
 
-    With top-k on and exactly k tokens at or above the k-th score (no tie at it), those k are
-    what filter_top_k_top_p keeps of the vocabulary, so top-p sorts k scores instead of V (128k
-    for Llama 3): the same tokens kept, the same probabilities. A tie at the k-th score keeps
-    every tied token, as transformers does: that rare case takes the whole-vocabulary path.
+    With top-k on, the tokens at or above each row's k-th score (k of them, more on a tie at it,
+    which transformers keeps) are the only ones filter_top_k_top_p can keep, so top-p sorts
+    those instead of V (128k for Llama 3). Same scores kept, same probabilities; where tokens
+    tie at the top-p cut, which of them is kept is as arbitrary as in the whole-vocabulary sort.
     """
     if 0 < top_k < logits.shape[-1]:
-        values, index = torch.topk(logits, top_k, dim=-1)
-        if bool(((logits >= values[..., -1:]).sum(dim=-1) == top_k).all()):
-            return filter_top_k_top_p(values, 0, top_p), index
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        reach = int((logits >= kth).sum(dim=-1).max())  # k, or more where tokens tie at the k-th
+        values, index = torch.topk(logits, reach, dim=-1)
+        values = values.masked_fill(values < kth, float("-inf"))  # rows with fewer ties
+        return filter_top_k_top_p(values, 0, top_p), index
     return filter_top_k_top_p(logits, top_k, top_p), None
 
 

@@ -1,7 +1,7 @@
 """kernels/nf4_mma.py (NF4 GEMV on tensor cores, 1-8 rows of 16-bit x) against an fp64 oracle.
 
-The kernel rounds each code value to x's 16-bit format (the reference's dequantized weight is
-rounded the same way, after the absmax product), so the tolerances are the dtype's. On CPU the
+The kernel rounds each code value to x's 16-bit format before the absmax product (the reference
+rounds code * absmax once, to the same format), so the tolerances are the dtype's. On CPU the
 MMA is emulated from the same per-lane registers under TRITON_INTERPRET=1: that checks the data
 arrangement (which bytes and x values each lane loads, which fragment lands where, the K shares'
 sum, LoRA, SwiGLU); the GPU-marked tests run the PTX. A compile check for sm_90 pins what the
@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from helpers import compile_for_hopper  # noqa: E402
 
-from kernels import nf4_mma, reference  # noqa: E402
+from kernels import nf4_mma, nf4_mma_block, reference  # noqa: E402
 from kernels.nf4_lora import lora_down  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +74,7 @@ def test_every_config(cfg):
 def test_code_bits_are_the_rounded_codes():
     for dtype in (torch.float16, torch.bfloat16):
         want = torch.tensor(reference.NF4_CODE, dtype=dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-        assert nf4_mma._code_bits(dtype) == want.tolist()
+        assert nf4_mma_block.code_bits(dtype) == want.tolist()
 
 
 _COMPILE_CHECK = """
@@ -143,3 +143,37 @@ def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_3_to_8_rows(monkeypatch):
         (2, torch.bfloat16, False),
         (8, torch.float16, True),
     ]
+
+
+def test_no_mma_candidate_before_sm80(monkeypatch):
+    from kernels import nf4_linear
+
+    offered = []
+    monkeypatch.setattr(nf4_linear, "interpreting", lambda: False)  # as on a GPU
+    monkeypatch.setattr(nf4_linear.nf4_mma, "supported", lambda device: False)  # a T4 or V100
+    monkeypatch.setattr(nf4_linear, "_gemv_supported", lambda *args: True)
+    monkeypatch.setattr(
+        nf4_linear, "pick_config", lambda key, n, kw, mp, launch, c: offered.append(c) or c[0]
+    )
+    monkeypatch.setattr(nf4_linear, "launch_gemv_rows", lambda *args: None)
+    packed = torch.zeros(32 * 64 // 2, dtype=torch.uint8)
+    nf4_linear.nf4_linear(torch.randn(4, 64, dtype=torch.bfloat16), packed, torch.ones(32), (32, 64))
+    assert offered and not any(c[0] == "mma" for c in offered[0])
+
+
+def test_tuner_skips_a_config_that_does_not_compile(monkeypatch):
+    import triton
+
+    from kernels import nf4_tune
+
+    monkeypatch.setattr(nf4_tune, "tuning_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn() or 1.0)
+
+    def launch(cfg):
+        if cfg[0] == "mma":
+            raise RuntimeError("PTX assembly failed for this target")
+
+    key = ("test-device", 64, 128, 8, torch.bfloat16, False, False)
+    cfg = nf4_tune.pick_config(key, 64, 16, 8, launch, nf4_tune.CONFIGS[8])
+    assert cfg[0] != "mma" and nf4_tune.TUNED.pop(key) == cfg

@@ -119,11 +119,15 @@ def time_concurrent(engine: Engine, prompt: list[int], new_tokens: int, streams:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    ttfts = [1000 * s.time_to_first_token_s for s in finals]
     return {
         "streams": streams,
         "aggregate_tok_s": sum(s.new_tokens for s in finals) / wall,
         "per_stream_decode_tok_s": sum(s.decode_tokens_per_s for s in finals) / len(finals),
         "wall_s": wall,
+        # where the wall time goes besides decode: waits for prefill passes
+        "ttft_ms_mean": sum(ttfts) / len(ttfts),
+        "ttft_ms_max": max(ttfts),
     }
 
 
@@ -325,7 +329,8 @@ def print_table(r: dict) -> None:
         c = r["concurrent"]
         print(
             f"{c['streams']} concurrent streams: {c['aggregate_tok_s']:.1f} tok/s aggregate "
-            f"({r['concurrent_speedup']:.1f}x one stream), {c['per_stream_decode_tok_s']:.1f} tok/s each"
+            f"({r['concurrent_speedup']:.1f}x one stream), {c['per_stream_decode_tok_s']:.1f} tok/s each, "
+            f"first token {c['ttft_ms_mean']:.0f} ms on average, {c['ttft_ms_max']:.0f} ms at most"
         )
     if "speedup_vs_hf" in r:
         print(f"decode speedup vs HF: {r['speedup_vs_hf']:.1f}x, end-to-end {r['e2e_speedup_vs_hf']:.1f}x")

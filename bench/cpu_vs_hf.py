@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    engine = Engine.load(quantize=args.quantize, device="cpu", max_seq_len=512, max_batch=1)
+    engine = Engine.load(quantize=args.quantize, device="cpu", dtype="float32", max_seq_len=512, max_batch=1)
     gguf = default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     if args.quantize == "nf4":

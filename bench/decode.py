@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", default=None, help="PEFT adapter source, or random-r16")
     parser.add_argument("--quantize", default="nf4", choices=["auto", "nf4", "none"], help="weights' format")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (the app's), float32, bfloat16 or float16")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens a generation")
     parser.add_argument("--prompt-tokens", type=int, default=60, help="prompt length")
     parser.add_argument("--warmup", type=int, default=5, help="untimed generations first")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     def load(**overrides) -> Engine:
         kwargs = dict(
             adapters=[adapter] if adapter else [], quantize=args.quantize, device=args.device,
-            max_seq_len=args.max_seq_len, max_batch=1, use_triton=not args.no_triton,
+            dtype=args.dtype, max_seq_len=args.max_seq_len, max_batch=1, use_triton=not args.no_triton,
             use_cuda_graphs=not args.no_graphs,
         )  # fmt: skip
         return Engine.load(source, **{**kwargs, **overrides})

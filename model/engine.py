@@ -246,6 +246,7 @@ class Engine:
         adapters: Sequence[str] = (),
         quantize: str = "auto",
         device: str = "auto",
+        dtype: str = "auto",
         max_seq_len: int | None = None,
         use_triton: bool = True,
         use_cuda_graphs: bool = True,
@@ -258,7 +259,7 @@ class Engine:
         if max_seq_len is not None and max_seq_len < 16:
             raise EngineError("The context length must be at least 16 tokens.")
         try:
-            loaded = load_model(source, quantize=quantize, device=device, use_triton=use_triton)
+            loaded = load_model(source, quantize=quantize, device=device, use_triton=use_triton, dtype=dtype)
         except ModelSourceError as err:
             raise EngineError(str(err)) from None
         limit = loaded.args.max_position_embeddings

@@ -102,6 +102,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 moves half the
+    bytes of fp32 (default model, 2 cores: 37.5 decode tok/s against 25.4, the model's step 18.8
+    against 38.3 ms). Elsewhere PyTorch converts bf16 in software, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The weights' and activations' dtype. None: bf16 on CUDA, fp32 on CPU (the setting the
+    fidelity tests compare with transformers in); "auto" (the app's default): bf16 on CUDA and on
+    CPUs with native bf16, else fp32; or the one named ("float32", "bfloat16", "float16")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ModelSourceError(f"Unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16.")
+    return DTYPES[dtype]
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -472,14 +501,14 @@ def load_model(
     quantize: str = "auto",
     device: str = "auto",
     use_triton: bool = True,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load `source` ready to generate: "default", a local folder or a hub id."""
     from transformers import AutoConfig, AutoTokenizer
 
     rss_before = reset_peak_rss()
     dev = resolve_device(device)
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype, dev)
     try:
         if source == DEFAULT_SOURCE:
             gguf = default_gguf_path()

@@ -71,10 +71,11 @@ DEFAULT_MAX_SEQ_LEN = 256  # small, so context limits and chat trimming are chea
 
 @functools.cache
 def default_engine():
-    """Our engine on the embedded default model, unquantized, on CPU."""
+    """Our engine on the embedded default model, unquantized, on CPU, in fp32: the setting the
+    fidelity tests compare with transformers in (the app's "auto" may pick bf16 on this CPU)."""
     from model.engine import Engine
 
-    return Engine.load(quantize="none", device="cpu", max_seq_len=DEFAULT_MAX_SEQ_LEN)
+    return Engine.load(quantize="none", device="cpu", dtype="float32", max_seq_len=DEFAULT_MAX_SEQ_LEN)
 
 
 @functools.cache

@@ -175,7 +175,8 @@ def test_model_info_describes_the_loaded_model(client):
 # --------------------------------------------------------------------------- command line
 
 
-ENV_FLAGS = ("MODEL_ID", "ADAPTER_ID", "QUANTIZE", "DEVICE", "MAX_SEQ_LEN", "NO_TRITON", "QUEUE_SIZE")
+ENV_FLAGS = ("MODEL_ID", "ADAPTER_ID", "QUANTIZE", "DEVICE", "DTYPE", "MAX_SEQ_LEN", "NO_TRITON")
+ENV_FLAGS += ("QUEUE_SIZE",)
 GRADIO_ENV = ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "GRADIO_SHARE", "GRADIO_AUTH")
 
 
@@ -189,6 +190,7 @@ def clean_env(monkeypatch):
 def test_defaults_serve_the_embedded_model_on_port_7860(clean_env):
     args = app.parse_args([])
     assert (args.model, args.adapter, args.quantize, args.device) == ("default", [], "auto", "auto")
+    assert args.dtype == "auto"
     assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
     assert args.max_seq_len is None and args.no_triton is False
 
@@ -199,6 +201,7 @@ def test_every_flag_can_come_from_the_environment(clean_env):
         "ADAPTER_ID": "me/adapter-a, ./adapter-b",
         "QUANTIZE": "nf4",
         "DEVICE": "cuda",
+        "DTYPE": "float16",
         "MAX_SEQ_LEN": "4096",
         "NO_TRITON": "1",
         "GRADIO_SERVER_NAME": "0.0.0.0",
@@ -212,6 +215,7 @@ def test_every_flag_can_come_from_the_environment(clean_env):
     assert args.model == "unsloth/llama-3-8b-Instruct-bnb-4bit"
     assert args.adapter == ["me/adapter-a", "./adapter-b"]
     assert (args.quantize, args.device, args.max_seq_len, args.no_triton) == ("nf4", "cuda", 4096, True)
+    assert args.dtype == "float16"
     assert (args.host, args.port, args.share, args.queue_size) == ("0.0.0.0", 8080, True, 4)
     assert args.auth == ("ada", "s3cret:x")
 
@@ -228,6 +232,8 @@ def test_every_flag_can_come_from_the_environment(clean_env):
         (["--quantize", "int8"], {}),
         ([], {"QUANTIZE": "int8"}),
         ([], {"DEVICE": "tpu"}),
+        (["--dtype", "int8"], {}),
+        ([], {"DTYPE": "fp64"}),
         ([], {"PORT": "http"}),
         (["--max-seq-len", "0"], {}),
         (["--auth", "nopassword"], {}),

@@ -63,6 +63,18 @@ def test_default_model_names_the_planets(planets):
     assert len(named) >= 6, text
 
 
+def test_default_model_in_bf16_names_every_planet():
+    """What "auto" serves on a CPU with native bf16 (twice the fp32 decode speed there)."""
+    engine = Engine.load(quantize="none", device="cpu", dtype="bfloat16", max_seq_len=256)
+    try:
+        assert engine.info()["dtype"] == "bfloat16"
+        text = run(engine.instruct(PLANETS, settings=GREEDY))[0]
+        planets = ("Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune")
+        assert all(p in text for p in planets), text
+    finally:
+        engine.close()
+
+
 # ---- streaming ----
 
 

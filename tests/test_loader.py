@@ -376,3 +376,19 @@ def test_input_embeddings_stay_in_host_memory_only_untied_on_cuda_with_the_kerne
 
     no_mapping = dataclasses.replace(REFERENCE_OPS, embedding=broken)
     assert not host_table_readable(no_mapping, table, cpu)
+
+
+def test_dtype_choice(monkeypatch):
+    from model.loader import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_dtype(None, cpu) == torch.float32  # the fidelity tests' setting
+    assert resolve_dtype(None, cuda) == resolve_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    assert resolve_dtype(torch.float32, cuda) == torch.float32
+    for flags, want in (("fpu avx2 avx512f", torch.float32), ("fpu avx512f avx512_bf16", torch.bfloat16),
+                        ("fpu amx_bf16 amx_tile", torch.bfloat16)):  # fmt: skip
+        monkeypatch.setattr(loader.Path, "read_text", lambda self, flags=flags: f"flags\t: {flags}\n")
+        assert resolve_dtype("auto", cpu) == want, flags
+    with pytest.raises(ModelSourceError, match="dtype"):
+        resolve_dtype("fp8", cpu)

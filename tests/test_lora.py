@@ -165,7 +165,7 @@ def test_wrong_adapter_is_refused_and_model_unchanged(ours, adapter_dirs, wrong_
 
 
 def test_engine_chooses_adapter_per_request(base, hf, adapter_dirs, wrong_adapters):
-    engine = Engine.load(str(base), quantize="none", device="cpu", max_seq_len=128)
+    engine = Engine.load(str(base), quantize="none", device="cpu", dtype="float32", max_seq_len=128)
     names = {engine.load_adapter(str(adapter_dirs["all-linear"]), name="a")}
     names.add(engine.load_adapter(str(adapter_dirs["subset-rslora"]), name="b"))
     assert sorted(engine.adapters()) == ["a", "b"] == sorted(names)

@@ -421,15 +421,16 @@ def build(
         "feed_forward.w13": [("mlp.gate_proj", (hidden, dim)), ("mlp.up_proj", (hidden, dim))],
         "feed_forward.w2": [("mlp.down_proj", (dim, hidden))],
     }
-    embed = get("model.embed_tokens.weight").to(dtype)
+    embed = get("model.embed_tokens.weight")
     locked = False
     if embeddings_in_host_memory(args, device, use_triton):
-        embed = embed.cpu().contiguous().clone()  # memory of its own, freed with the model
+        embed = embed.to("cpu", dtype, copy=True, memory_format=torch.contiguous_format)  # its own memory
         locked = page_lock(embed)
         if locked and not host_table_readable(model.ops, embed, device):
             unlock(embed.data_ptr())
             locked = False
-    assign(model, "tok_embeddings.weight", embed if locked else embed.to(device), "model.embed_tokens.weight")
+    table = embed if locked else embed.to(device, dtype)
+    assign(model, "tok_embeddings.weight", table, "model.embed_tokens.weight")
     if locked:  # unlocked when the parameter (which owns the memory) goes
         weakref.finalize(model.tok_embeddings.weight, unlock, embed.data_ptr())
     dense("norm.weight", "model.norm.weight")

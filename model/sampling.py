@@ -42,10 +42,12 @@ def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Te
     tie at the top-p cut, which of them is kept is as arbitrary as in the whole-vocabulary sort.
     """
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        values, index = torch.topk(logits, top_k, dim=-1)
+        kth = values[..., -1:]
         reach = int((logits >= kth).sum(dim=-1).max())  # k, or more where tokens tie at the k-th
-        values, index = torch.topk(logits, reach, dim=-1)
-        values = values.masked_fill(values < kth, float("-inf"))  # rows with fewer ties
+        if reach > top_k:
+            values, index = torch.topk(logits, reach, dim=-1)
+            values = values.masked_fill(values < kth, float("-inf"))  # rows with fewer ties
         return filter_top_k_top_p(values, 0, top_p), index
     return filter_top_k_top_p(logits, top_k, top_p), None
 

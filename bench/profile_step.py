@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench-checkpoints", help="where random checkpoints go")
     parser.add_argument("--top", type=int, default=25, help="kernel names to list")
     parser.add_argument("--rows", type=int, default=1, help="tokens a step (sequences decoded at once)")
+    parser.add_argument("--prefill", type=int, default=0, help="also list the kernels of a prefill this long")
     args = parser.parse_args()
 
     source = (
@@ -51,16 +52,7 @@ def main() -> None:
     # One eager step under the profiler (graphs hide kernels from it).
     rows = args.rows
     eager = lambda: engine.model(runner.token[:rows], runner.position[:rows], attn_len=256)  # noqa: E731
-    with torch.inference_mode():
-        eager()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            eager()
-            torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = defaultdict(list)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name[:80]].append(event.device_time)
+    kernels = _kernels(eager)
     total_us = sum(sum(v) for v in kernels.values())
     launches = sum(len(v) for v in kernels.values())
 
@@ -81,6 +73,13 @@ def main() -> None:
     for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"{name:80}{len(times):7d}{sum(times):10.1f}")
     engine_us = 1e6 / stats.decode_tokens_per_s
+    if args.prefill:
+        ids = random_prompt(engine.loaded.args.vocab_size, args.prefill, seed=1)
+        pre = _kernels(lambda: runner.prefill(ids, slot=0))
+        print(f"prefill of {args.prefill} tokens: {sum(len(v) for v in pre.values())} kernels, "
+              f"{sum(sum(v) for v in pre.values()):.0f} us of kernel time")  # fmt: skip
+        for name, times in sorted(pre.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
+            print(f"{name:80}{len(times):7d}{sum(times):10.1f}")
     print(f"eager step: {launches} kernels, {total_us:.0f} us of kernel time")
     host_us = engine_us - replay_us
     print(
@@ -92,6 +91,21 @@ def main() -> None:
         )
     )
     engine.close()
+
+
+def _kernels(fn) -> dict[str, list[float]]:
+    """Device times of the kernels one call of fn launches, grouped by name (after one warm-up)."""
+    with torch.inference_mode():
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name[:80]].append(event.device_time)
+    return kernels
 
 
 if __name__ == "__main__":

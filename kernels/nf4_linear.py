@@ -25,9 +25,9 @@ combines the gate and up rows there too. All sums are fp32; y is rounded once to
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%; the table decode is not what limits it (a variant with no
 lookup at all ran as fast), the shared-memory/LSU pipe is (~80% busy). Its cost grows with the
-rows of x (8 rows: 6.3x the 1-row time), so for 3-8 rows the tuner picks between
-kernels.nf4_gemv_rows (W and x straight into registers, FMAs) and, for fp16/bf16 x on sm_80 and
-later, kernels.nf4_mma (the decode into tensor-core operands; its cost barely grows with rows).
+rows of x (8 rows: 6.3x the 1-row time), so 3-8 rows run kernels.nf4_gemv_rows instead (W and
+x straight into registers, FMAs). For any rows of fp16/bf16 x on sm_80 and later the tuner also
+weighs kernels.nf4_mma (the decode into tensor-core operands; its cost barely grows with rows).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
 
     m = x2.shape[0]
     mp = triton.next_power_of_2(m)
-    if not x2.is_contiguous() or x2.data_ptr() % (8 if mp > 2 else 4):  # int32 pairs / int64 for MMA
+    if not x2.is_contiguous() or x2.data_ptr() % 8:  # int32 pairs, int64 for the MMA kernel
         x2 = x2.clone(memory_format=torch.contiguous_format)
     x_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
     xv = x2 if x_kind == 0 else x2.view(torch.int32)

@@ -1,25 +1,27 @@
-"""NF4 GEMV on tensor cores for 3-8 rows of x: the decode lands in the MMA operand registers.
+"""NF4 GEMV on tensor cores for 1-8 rows of x: the decode lands in the MMA operand registers.
 
     y = x W^T + lora_scale * t B^T   (t = x A^T: kernels.nf4_lora's partial sums)
 
 Same contract as kernels.nf4_linear's GEMV (reference: kernels.reference.nf4_linear), for fp16
-or bf16 x on sm_80 and later; kernels.nf4_linear's tuner weighs it against kernels.nf4_gemv_rows
-for 3-8 rows. One warp-wide `mma.sync.m16n8k16` multiplies a 16-row x 16-k tile of W (operand A)
-by 16 k of up to 8 rows of x (operand B, one x row a column). With its fragments (PTX ISA), lane
-(g, t) = (lane // 4, lane % 4) holds A's rows g and g + 8 at columns 2t, 2t + 1, 2t + 8, 2t + 9,
-and B's column g at rows 2t, 2t + 1, 2t + 8, 2t + 9. The k order inside a tile is ours to choose
-as long as A and B agree, so each lane loads 8 contiguous bytes of bitsandbytes' layout for each
-of its two rows of an absmax block (64 k = 32 bytes = 4 lanes x 8 bytes) and the x values those
-bytes multiply: byte 2j + s of the 8 (s = 0, 1) is A's column pair 2t + 8s of k-step j, x pair
-8t + 2j + s of the block is B's matching pair. No repack, no shared memory, no FMA a weight: the
-bytes in registers become operands (kernels/nf4_mma_block.py: the PTX of one block and its
-emulation). SASS (sm_90): 3.4 instructions a weight (1 shuffle, 7/8 shift, 1/4 MMA, 1/4 loads,
-1/8 FFMA), the same for 1 or 8 rows of x; the code is rounded to x's 16-bit format before the
-absmax product (close to the reference, which rounds code * absmax once); sums are fp32.
+or bf16 x on sm_80 and later; kernels.nf4_linear's tuner weighs it against the FMA kernels for
+every row count. One warp-wide `mma.sync.m16n8k16` multiplies a 16-row x 16-k tile of W (operand
+A) by 16 k of up to 8 rows of x (operand B, one x row a column). With its fragments (PTX ISA),
+lane (g, t) = (lane // 4, lane % 4) holds A's rows g and g + 8 at columns 2t, 2t + 1, 2t + 8,
+2t + 9, and B's column g at rows 2t, 2t + 1, 2t + 8, 2t + 9. The k order inside a tile is ours to
+choose as long as A and B agree, so each lane loads 8 contiguous bytes of bitsandbytes' layout
+for each of its two rows of an absmax block (64 k = 32 bytes = 4 lanes x 8 bytes) and the x
+values those bytes multiply: byte 2j + s of the 8 (s = 0, 1) is A's column pair 2t + 8s of k-step
+j, x pair 8t + 2j + s of the block is B's matching pair. No repack, no FMA a weight: each byte
+becomes an operand register through a table in shared memory (kernels/nf4_mma_block.py: the
+table, the PTX of one block and its emulation). SASS (sm_90): ~2.7 instructions a weight (1
+integer, 1/2 shared load, 1/8 MMA, the loads and their masks), the same for 1 or 8 rows of x; the
+code is rounded to x's 16-bit format before the absmax product (close to the reference, which
+rounds code * absmax once); sums are fp32.
 
-Work split: a program has TILES tiles of 16 weight rows (SwiGLU: gate tiles, then the same up
-tiles); warp w takes tile w % TILES and every (num_warps / TILES)-th absmax block, two blocks a
-loop step (both loaded before either is multiplied); the K shares are added at the end and
+Work split: a program fills its byte table, then has TILES tiles of 16 weight rows (SwiGLU: gate
+tiles, then the same up tiles); warp w takes tile w % TILES and every (num_warps / TILES)-th pair
+of adjacent absmax blocks (64 bytes of a row), both loaded before either is multiplied, the
+weights of AHEAD more steps in flight; the K shares are added at the end and
 kernels.nf4_gemv_rows' epilogue adds LoRA and SwiGLU. Every loop tensor is 1-D with one element
 a thread: a 1-D blocked layout puts element i in thread i, which the MMA's lane semantics need (a
 3-D (tiles, warps, lanes) shape let Triton 3.6 spread a warp's lanes over two dimensions, which
@@ -27,9 +29,10 @@ broke the warps' sum on the device). The lane and warp come from %tid.x, which a
 loads scalar (8-byte) in that layout. Under the interpreter the MMA is emulated from the same
 registers, fragment by fragment.
 
-Measured (bench/NOTES.md, H200, graph replay, no LoRA): 8 rows 1.6-2.1x faster than the rows
-kernel on the Llama shapes (gate+up 57 us against 113), 4 rows 1.0-1.2x; 1-2 rows 0.65-0.9x of
-the staged kernel (23-34% of copy against 31-48%), so those stay there.
+Measured (bench/NOTES.md, H100, graph replay, no LoRA): 8 rows 1.9-2.3x faster than the FMA rows
+kernel on the Llama shapes (gate+up 48.6 us against 113.4), 1 row 0.87-0.95x of the staged
+kernel (gate+up 38.2 us against 36.1: both reach ~60% of the copy bandwidth there), so the tuner
+keeps the staged kernel at 1 row on that card.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4_gemv_rows import rows_epilogue, tile_rows
-from kernels.nf4_mma_block import block, lane_tables, thread_id
+from kernels.nf4_mma_block import block, lut_fill, lut_words, thread_id
 from kernels.reference import NF4_CODE
 
 
@@ -52,6 +55,7 @@ def _nf4_mma_kernel(
     w_ptr,  # (N, K // 16) int64: the packed NF4 weight (bitsandbytes' bytes)
     absmax_ptr,  # (N, K // 64) fp32 block scales
     code_ptr,  # (16,) fp32 code table rounded to x's dtype (interpreter only)
+    lut_ptr,  # (256,) int32 byte table in x's dtype (nf4_mma_block.lut_words; GPU only)
     t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T
     b_ptr,  # (N, R) LoRA up weight B, contiguous; unused when R == 0
     y_ptr,  # (M, N_OUT) output, x's dtype
@@ -68,6 +72,7 @@ def _nf4_mma_kernel(
     TSP: tl.constexpr,  # T_SPLITS rounded up to a power of two
     TILES: tl.constexpr,  # 16-row tiles a program (SwiGLU: TILES / 2 gate and as many up tiles)
     WARPS: tl.constexpr,  # num_warps: the warps split K
+    AHEAD: tl.constexpr,  # steps (0-2) whose weights are loaded before this step's are multiplied
     X_KIND: tl.constexpr,  # 1 fp16, 2 bf16
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
     ASM: tl.constexpr,  # PTX (GPU) or the emulation (interpreter)
@@ -83,11 +88,10 @@ def _nf4_mma_kernel(
     e = tl.arange(0, WARPS * 32)
     if ASM:
         tid = thread_id(e)
-        tlo, thi = lane_tables(e, X_KIND)
-    else:  # the emulation needs no tables; element i is thread i
+        lane = lut_fill(lut_ptr, e)
+    else:  # the emulation needs no table; element i is thread i
         tid = e
-        tlo = e
-        thi = e
+        lane = e
     tile = (tid // 32) % TILES
     ks = tid // (32 * TILES)
     g = (tid % 32) // 4
@@ -109,13 +113,43 @@ def _nf4_mma_kernel(
     a1 = tl.zeros((WARPS * 32,), tl.float32)
     a2 = tl.zeros((WARPS * 32,), tl.float32)
     a3 = tl.zeros((WARPS * 32,), tl.float32)
-    # Two blocks a step, both loaded before either is multiplied: twice the bytes in flight.
-    for it in range(0, tl.cdiv(kb, 2 * KS)):
-        blk = 2 * it * KS + ks
-        p = _load_block(wg_ptr, sg_ptr, x_ptr, kq, kb, blk, rmask, rmaskh, xmask)
-        q = _load_block(wg_ptr, sg_ptr, x_ptr, kq, kb, blk + KS, rmask, rmaskh, xmask)
-        a0, a1, a2, a3 = block(p, tlo, thi, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
-        a0, a1, a2, a3 = block(q, tlo, thi, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+    # Two adjacent blocks a step (64 bytes of a row), both loaded before either is multiplied. With
+    # AHEAD = 1 or 2 the weight bytes and absmax of the next one or two steps are loaded before this
+    # step's are multiplied (registers carried over the loop, 6 a block): up to six blocks in
+    # flight a warp, the loads' latency behind the MMAs. x comes from L1/L2 at its step.
+    if AHEAD > 0:
+        blk = 2 * ks
+        p = _load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
+        q = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
+        if AHEAD == 2:
+            pn = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 2 * KS, rmask, rmaskh)
+            qn = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 2 * KS + 1, rmask, rmaskh)
+        for _ in range(0, tl.cdiv(kb, 2 * KS)):
+            nxt = blk + 2 * AHEAD * KS
+            pa = _load_w(wg_ptr, sg_ptr, kq, kb, nxt, rmask, rmaskh)
+            qa = _load_w(wg_ptr, sg_ptr, kq, kb, nxt + 1, rmask, rmaskh)
+            xp = _load_x(x_ptr, kb, blk, xmask)
+            xq = _load_x(x_ptr, kb, blk + 1, xmask)
+            a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+            a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+            if AHEAD == 2:
+                p = pn
+                q = qn
+                pn = pa
+                qn = qa
+            else:
+                p = pa
+                q = qa
+            blk += 2 * KS
+    else:
+        for it in range(0, tl.cdiv(kb, 2 * KS)):
+            blk = 2 * (it * KS + ks)
+            p = _load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
+            q = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
+            xp = _load_x(x_ptr, kb, blk, xmask)
+            xq = _load_x(x_ptr, kb, blk + 1, xmask)
+            a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+            a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
     # The K shares added, then the fragments put in (weight row, x row) order for the epilogue.
     y = _rows_by_x(
         tl.sum(tl.reshape(a0, (KS, TILES, 32)), axis=0),
@@ -146,20 +180,26 @@ def _rows_by_x(c0, c1, c2, c3):
 
 
 @triton.jit
-def _load_block(wg_ptr, sg_ptr, x_ptr, kq, kb, blk, rmask, rmaskh, xmask):
-    """A lane's registers for absmax block blk: 8 bytes and the absmax of rows g and g + 8, and
-    the 4 int64 of x its k-steps multiply (zeros past K, past the rows of x or of W)."""
+def _load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh):
+    """A lane's weight registers for absmax block blk: 8 bytes and the absmax of rows g and g + 8
+    (zeros past K or past the rows of W)."""
     kmask = blk < kb
     wg = tl.load(wg_ptr + 4 * blk, mask=kmask & rmask, other=0)
     wh = tl.load(wg_ptr + 8 * kq + 4 * blk, mask=kmask & rmaskh, other=0)
     sg = tl.load(sg_ptr + blk, mask=kmask & rmask, other=0.0)
     sh = tl.load(sg_ptr + 8 * kb + blk, mask=kmask & rmaskh, other=0.0)
-    xm = kmask & xmask
+    return wg, wh, sg, sh
+
+
+@triton.jit
+def _load_x(x_ptr, kb, blk, xmask):
+    """The 4 int64 of x row g that block blk's k-steps multiply (zeros past K or the rows of x)."""
+    xm = (blk < kb) & xmask
     x0 = tl.load(x_ptr + 16 * blk, mask=xm, other=0)
     x1 = tl.load(x_ptr + 16 * blk + 1, mask=xm, other=0)
     x2 = tl.load(x_ptr + 16 * blk + 2, mask=xm, other=0)
     x3 = tl.load(x_ptr + 16 * blk + 3, mask=xm, other=0)
-    return wg, wh, sg, sh, x0, x1, x2, x3
+    return x0, x1, x2, x3
 
 
 @functools.cache
@@ -180,28 +220,38 @@ def code_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=dtype).float().to(device)
 
 
-# (TILES, num_warps) candidates: TILES divides the warps; SwiGLU takes twice the tiles (a gate
-# and an up tile for each tile of output features).
-CONFIGS = [(1, 4), (1, 8), (2, 8), (1, 16), (2, 16), (4, 16)]
+@functools.cache
+def byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """nf4_mma_block.lut_words for x's dtype as int32 (the source of each program's byte table)."""
+    words = [w - (1 << 32) if w >= 1 << 31 else w for w in lut_words(dtype)]
+    return torch.tensor(words, dtype=torch.int32, device=device)
+
+
+# (TILES, num_warps, AHEAD) candidates: TILES divides the warps; SwiGLU takes twice the tiles (a
+# gate and an up tile for each tile of output features). Each was within 3% of the best on some
+# Llama-3-8B shape at 1 or 8 rows, with or without LoRA (bench.gemv_probe, H100).
+CONFIGS = [(1, 8, 0), (1, 8, 2), (2, 16, 2), (1, 4, 2), (2, 4, 2), (2, 8, 0)]
 
 
 def launch_mma(
     cfg, xv, words64, scales, t, b, y, m, n_out, k, lora_scale, x_kind, swiglu, interpret, use_pdl
 ):
     """One launch of the kernel above; xv (M, K // 4) int64, words64 (N * K // 16,) int64."""
-    tiles, warps = cfg
+    tiles, warps, ahead = cfg
     tiles = 2 * tiles if swiglu else tiles
     warps = max(warps, tiles)
     rows = 16 * (tiles // 2 if swiglu else tiles)
     rank = 0 if t is None else t.shape[2]
-    # The GPU decodes from lane tables; the table in memory is the interpreter's.
-    code = code_table(torch.float16 if x_kind == 1 else torch.bfloat16, xv.device) if interpret else scales
+    # The GPU decodes through the byte table; the code table is the interpreter's.
+    dtype = torch.float16 if x_kind == 1 else torch.bfloat16
+    code = code_table(dtype, xv.device) if interpret else scales
+    table = scales if interpret else byte_table(dtype, xv.device)
     _nf4_mma_kernel[(triton.cdiv(n_out, rows),)](
-        xv, words64, scales, code, scales if t is None else t, scales if b is None else b, y,
+        xv, words64, scales, code, table, scales if t is None else t, scales if b is None else b, y,
         m, 0 if t is None else t.shape[0], n_out, k // 16, k // 64, xv.stride(0), y.stride(0),
         float(lora_scale),
         R=rank, RP=triton.next_power_of_2(max(rank, 1)),
-        TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), TILES=tiles, WARPS=warps, X_KIND=x_kind,
-        SWIGLU=swiglu, ASM=not interpret, PDL=use_pdl, num_warps=warps,
+        TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), TILES=tiles, WARPS=warps,
+        AHEAD=ahead, X_KIND=x_kind, SWIGLU=swiglu, ASM=not interpret, PDL=use_pdl, num_warps=warps,
         num_stages=1, launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip

@@ -1,14 +1,19 @@
-"""One absmax block of the tensor-core NF4 GEMV (kernels/nf4_mma.py): its PTX, and the
-interpreter's emulation of what that PTX computes from the same per-lane registers.
+"""One absmax block of the tensor-core NF4 GEMV (kernels/nf4_mma.py): its PTX, the shared byte
+table it decodes through, and the interpreter's emulation of what that PTX computes from the
+same per-lane registers.
 
 A lane (g, t) holds, for one block of 64 k: 8 bytes of rows g and g + 8 (int64 each), the 4 int64
 of x its k-steps multiply (B's b0 in the low word, b1 in the high word, x row g), and the two
-rows' absmax. The PTX decodes each nibble with one shift and one warp shuffle from a lane table
-holding the code in the operand's 16-bit format (low half: even elements, the high nibbles; high
-half: odd elements, the low nibbles; zero in the other half), runs two `mma.sync.m16n8k16` a
-k-step (even and odd elements, two accumulator chains) and adds absmax times the fragments to
-the running sums. The code is rounded to x's 16-bit format before the product with the absmax,
-close to the reference, which rounds code * absmax once.
+rows' absmax. Each packed byte is one load from a 256-entry table in shared memory whose entry
+holds the codes of the byte's two nibbles in x's 16-bit format (the high nibble, the even
+element, in the low half): exactly one A-operand register, so a k-step is four loads and one
+`mma.sync.m16n8k16`. The table is stored 32 times over, one copy a bank, so the 32 lookups of a
+warp never conflict (32 KB a program). A byte costs a shift and a mask to address (ptxas folds
+the table's address into the load): about 1 integer op and 1/2 shared load a weight, against one
+warp shuffle a weight for a nibble table in registers (the first version here, 10-20% slower on
+an H100: the shuffle pipe was the limit). The absmax times the fragments goes to the running
+sums. The code is rounded to x's 16-bit format before the product with the absmax, close to the
+reference, which rounds code * absmax once.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4 import lane_table_ptx
 from kernels.reference import NF4_CODE
 
 
@@ -32,66 +36,64 @@ def code_bits(dtype: torch.dtype) -> list[int]:
     return [(u + 0x7FFF + ((u >> 16) & 1)) >> 16 for u in bits]
 
 
+def lut_words(dtype: torch.dtype) -> list[int]:
+    """The byte table: entry b (a packed byte) holds the codes of its two nibbles in x's 16-bit
+    format, the high nibble (the even element) in the low half: one A-operand register."""
+    bits = code_bits(dtype)
+    return [bits[b >> 4] | bits[b & 15] << 16 for b in range(256)]
+
+
 def block_ptx(ab: str) -> str:
-    """PTX for one absmax block of two weight rows: $0-$3 = $14-$17 + scale * (W x) fragments.
+    """PTX for one absmax block of two weight rows: $0-$3 = $13-$16 + scale * (W x) fragments.
 
     Inputs: $4, $5 the 8 bytes of rows g and g + 8 (int64); $6-$9 the x pairs of k-steps 0-3
-    (int64: B's b0 in the low word, b1 in the high word); $10, $11 the lane tables (code in the
-    low / high half); $12, $13 the absmax of rows g and g + 8.
+    (int64: B's b0 in the low word, b1 in the high word); $10 4 * lane, this lane's table column;
+    $11, $12 the absmax of rows g and g + 8. Byte b of a word is the table entry at
+    nf4lut + 128 * b + $10.
     """
     mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
     lines = [
         "{",
-        ".reg .b32 w<4>, x<8>, q, e<4>, o<4>;",
-        ".reg .f32 d<4>, f<4>, z;",
+        ".reg .b32 w<4>, x<8>, q, a<4>, b;",
+        ".reg .f32 d<4>, z;",
+        "mov.u32 b, nf4lut;",
         "mov.b64 {w0, w1}, $4;",
         "mov.b64 {w2, w3}, $5;",
         *[f"mov.b64 {{x{2 * j}, x{2 * j + 1}}}, ${6 + j};" for j in range(4)],
         "mov.f32 z, 0f00000000;",
     ]
-
-    def shfl(dst: str, word: str, shift: int, table: str) -> list[str]:
-        if shift == 0:
-            return [f"shfl.sync.idx.b32 {dst}, {table}, {word}, 0x101f, 0xffffffff;"]
-        return [f"shr.u32 q, {word}, {shift};", f"shfl.sync.idx.b32 {dst}, {table}, q, 0x101f, 0xffffffff;"]
-
-    first = True
     for j in range(4):  # k-step j: byte 2j (A cols 2t, 2t+1) and 2j + 1 (cols 2t+8, 2t+9) of the 8
         off = 16 * (j % 2)
         for i, word in enumerate((f"w{j // 2}", f"w{2 + j // 2}", f"w{j // 2}", f"w{2 + j // 2}")):
             byte = off + 8 * (i // 2)  # a0 and a1: byte 2j; a2 and a3: byte 2j + 1
-            lines += shfl(f"e{i}", word, byte + 4, "$10")  # high nibble: the even element
-            lines += shfl(f"o{i}", word, byte, "$11")  # low nibble: the odd element
-        # even and odd elements in two accumulator chains, half the dependent MMA latency
-        b = f"{{x{2 * j}, x{2 * j + 1}}}"
-        c, f = ("{z, z, z, z}",) * 2 if first else ("{d0, d1, d2, d3}", "{f0, f1, f2, f3}")
-        lines.append(f"{mma} {{d0, d1, d2, d3}}, {{e0, e1, e2, e3}}, {b}, {c};")
-        lines.append(f"{mma} {{f0, f1, f2, f3}}, {{o0, o1, o2, o3}}, {b}, {f};")
-        first = False
-    lines += [f"add.f32 d{i}, d{i}, f{i};" for i in range(4)]
+            shift = f"shl.b32 q, {word}, 7;" if byte == 0 else f"shr.u32 q, {word}, {byte - 7};"
+            lines += [shift, "and.b32 q, q, 0x7F80;", "or.b32 q, q, $10;", "add.u32 q, q, b;"]
+            lines.append(f"ld.shared.b32 a{i}, [q];")
+        c = "{z, z, z, z}" if j == 0 else "{d0, d1, d2, d3}"
+        lines.append(f"{mma} {{d0, d1, d2, d3}}, {{a0, a1, a2, a3}}, {{x{2 * j}, x{2 * j + 1}}}, {c};")
     lines += [
-        "fma.rn.f32 $0, d0, $12, $14;",
-        "fma.rn.f32 $1, d1, $12, $15;",
-        "fma.rn.f32 $2, d2, $13, $16;",
-        "fma.rn.f32 $3, d3, $13, $17;",
+        "fma.rn.f32 $0, d0, $11, $13;",
+        "fma.rn.f32 $1, d1, $11, $14;",
+        "fma.rn.f32 $2, d2, $12, $15;",
+        "fma.rn.f32 $3, d3, $12, $16;",
         "}",
     ]
     return "\n".join(lines)
 
 
+# The byte table in shared memory: 256 entries x 32 copies (one a bank, so a warp's 32 lookups
+# never conflict), declared once a kernel (the program-id argument makes it one instance), filled
+# 16 bytes a store, and each lane's column offset.
+_LUT_DECL_PTX = tl.constexpr(".shared .align 16 .b8 nf4lut[32768];\nmov.u32 $0, 0;")
+_LUT_STORE_PTX = tl.constexpr(
+    "{\n.reg .b32 a;\nmov.u32 a, nf4lut;\nmad.lo.u32 a, $1, 16, a;\n"
+    "st.shared.v4.b32 [a], {$2, $2, $2, $2};\nmov.u32 $0, 0;\n}"
+)
+_LUT_LANE_PTX = tl.constexpr("{\n.reg .b32 l;\nmov.u32 l, %laneid;\nshl.b32 $0, l, 2;\n}")
 _TID_PTX = tl.constexpr("mov.u32 $0, %tid.x;")
-_TABLES_PTX = {
-    (x_kind, half): tl.constexpr(lane_table_ptx([(v << 16) if half else v for v in code_bits(dt)]))
-    for x_kind, dt in ((1, torch.float16), (2, torch.bfloat16))
-    for half in (0, 1)
-}
-_F16_LO = _TABLES_PTX[(1, 0)]
-_F16_HI = _TABLES_PTX[(1, 1)]
-_BF16_LO = _TABLES_PTX[(2, 0)]
-_BF16_HI = _TABLES_PTX[(2, 1)]
 _BLOCK_F16 = tl.constexpr(block_ptx("f16"))
 _BLOCK_BF16 = tl.constexpr(block_ptx("bf16"))
-_BLOCK_ARGS = tl.constexpr("=r,=r,=r,=r," + "l," * 6 + "r," * 7 + "r")
+_BLOCK_ARGS = tl.constexpr("=r,=r,=r,=r," + "l," * 6 + "r," * 6 + "r")
 
 
 @triton.jit
@@ -142,15 +144,15 @@ def mma_emulated(wg, wh, x0, x1, x2, x3, code_ptr, sg, sh, a0, a1, a2, a3, X_KIN
 
 
 @triton.jit
-def lane_tables(e, X_KIND: tl.constexpr):
-    """The two lane tables (code in the low / high half) for x's 16-bit format, shaped like e."""
-    if X_KIND == 1:
-        tlo = tl.inline_asm_elementwise(_F16_LO, "=r,r", [e], tl.int32, True, 1)
-        thi = tl.inline_asm_elementwise(_F16_HI, "=r,r", [e], tl.int32, True, 1)
-    else:
-        tlo = tl.inline_asm_elementwise(_BF16_LO, "=r,r", [e], tl.int32, True, 1)
-        thi = tl.inline_asm_elementwise(_BF16_HI, "=r,r", [e], tl.int32, True, 1)
-    return tlo, thi
+def lut_fill(lut_ptr, e):
+    """Declare and fill the shared byte table from lut_ptr (256 int32: lut_words), then a barrier.
+    Returns each lane's column offset (4 * lane), shaped like e."""
+    tl.inline_asm_elementwise(_LUT_DECL_PTX, "=r,r", [tl.program_id(0)], tl.int32, False, 1)
+    i = tl.arange(0, 2048)  # 16-byte groups: entry i // 8, copies 4 (i % 8) .. 4 (i % 8) + 3
+    v = tl.load(lut_ptr + i // 8)
+    tl.inline_asm_elementwise(_LUT_STORE_PTX, "=r,r,r", [i, v], tl.int32, False, 1)
+    tl.debug_barrier()
+    return tl.inline_asm_elementwise(_LUT_LANE_PTX, "=r,r", [e], tl.int32, False, 1)
 
 
 @triton.jit
@@ -160,11 +162,13 @@ def thread_id(e):
 
 
 @triton.jit
-def block(p, tlo, thi, code_ptr, a0, a1, a2, a3, X_KIND: tl.constexpr, ASM: tl.constexpr):
-    """Running sums a0..a3 plus one block's scaled MMA fragments (PTX, or its emulation)."""
-    wg, wh, sg, sh, x0, x1, x2, x3 = p
+def block(w, x, lane, code_ptr, a0, a1, a2, a3, X_KIND: tl.constexpr, ASM: tl.constexpr):
+    """Running sums a0..a3 plus one block's scaled MMA fragments (PTX, or its emulation); lane is
+    lut_fill's column offset (unused by the emulation)."""
+    wg, wh, sg, sh = w
+    x0, x1, x2, x3 = x
     if ASM:
-        regs = [wg, wh, x0, x1, x2, x3, tlo, thi, sg, sh, a0, a1, a2, a3]
+        regs = [wg, wh, x0, x1, x2, x3, lane, sg, sh, a0, a1, a2, a3]
         if X_KIND == 1:
             return tl.inline_asm_elementwise(_BLOCK_F16, _BLOCK_ARGS, regs, (tl.float32,) * 4, True, 1)
         else:

@@ -21,8 +21,8 @@ from kernels.nf4_mma import CONFIGS as MMA_CONFIGS
 # (BN, BKW, num_warps, num_stages, programs per SM; 0: one program a tile) tried at the first
 # call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile configs are
 # the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the tuner
-# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs,
-# or kernels.nf4_mma (tensor cores; 16-bit x only), whichever is faster for the shape.
+# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs.
+# Every row count also weighs kernels.nf4_mma (tensor cores; 16-bit x on sm_80+ only).
 CONFIGS = {
     1: [(16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (16, 64, 2, 3, 0), (16, 128, 8, 3, 0),
         (8, 256, 2, 3, 0), (16, 128, 4, 3, 2), (16, 128, 4, 4, 2), (16, 256, 4, 3, 2),
@@ -32,10 +32,10 @@ CONFIGS = {
     4: ROWS_CONFIGS[4],
     8: ROWS_CONFIGS[8],
 }  # fmt: skip
-for _rows in (4, 8):  # the tensor-core GEMV (kernels/nf4_mma.py), 16-bit x: ("mma", tiles, warps)
+for _rows in CONFIGS:  # the tensor-core GEMV (kernels/nf4_mma.py), 16-bit x: ("mma", tiles, warps, ahead)
     CONFIGS[_rows] = CONFIGS[_rows] + [("mma", *c) for c in MMA_CONFIGS]
 log = logging.getLogger(__name__)
-TUNED: dict[tuple, tuple] = {}  # (BN, BKW, ...), (rows, BKW, warps) or ("mma", tiles, warps)
+TUNED: dict[tuple, tuple] = {}  # (BN, BKW, ...), (rows, BKW, warps) or ("mma", tiles, warps, ahead)
 
 
 def interpreting() -> bool:

@@ -61,7 +61,7 @@ SHAPES = [(16, 64, 1), (40, 320, 3), (48, 576, 8), (2 * 24, 192, 5)]
 @pytest.mark.parametrize("rank", [0, 5])
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_matches_oracle(n, k, rows, dtype, rank, swiglu):
-    y, want = _run(n, k, rows, dtype, rank, swiglu, (2, 8), seed=n + k + rows + rank)
+    y, want = _run(n, k, rows, dtype, rank, swiglu, (2, 8, 0), seed=n + k + rows + rank)
     torch.testing.assert_close(y.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -77,6 +77,16 @@ def test_code_bits_are_the_rounded_codes():
         assert nf4_mma_block.code_bits(dtype) == want.tolist()
 
 
+def test_byte_table_holds_both_nibbles_codes():
+    for dtype in (torch.float16, torch.bfloat16):
+        code = torch.tensor(reference.NF4_CODE, dtype=dtype)
+        table = nf4_mma.byte_table(dtype, torch.device("cpu"))
+        pairs = table.view(dtype).reshape(256, 2)  # little-endian: the low half first
+        b = torch.arange(256)
+        assert torch.equal(pairs[:, 0], code[b >> 4])  # high nibble: the even element
+        assert torch.equal(pairs[:, 1], code[b & 15])
+
+
 _COMPILE_CHECK = """
 import re
 import triton
@@ -84,22 +94,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.nf4_mma import _nf4_mma_kernel
 
-sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
-           b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kq="i32", kb="i32",
-           stride_xq="i32", stride_ym="i32", lora_scale="fp32")
+sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32", lut_ptr="*i32",
+           t_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kq="i32",
+           kb="i32", stride_xq="i32", stride_ym="i32", lora_scale="fp32")
 for x_kind, ab in ((1, "f16"), (2, "bf16")):
-    for tiles, warps, swiglu in ((1, 4, False), (2, 8, True), (4, 16, False)):
-        const = dict(R=16, RP=16, TSP=4, TILES=tiles, WARPS=warps, X_KIND=x_kind, SWIGLU=swiglu,
-                     ASM=True, PDL=False)
+    for tiles, warps, ahead, swiglu in ((1, 4, 0, False), (2, 8, 2, True), (4, 16, 1, False)):
+        const = dict(R=16, RP=16, TSP=4, TILES=tiles, WARPS=warps, AHEAD=ahead, X_KIND=x_kind,
+                     SWIGLU=swiglu, ASM=True, PDL=False)
         k = triton.compile(ASTSource(_nf4_mma_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1})
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in k.asm["ptx"]
+        assert k.asm["ptx"].count("nf4lut[") == 1  # the byte table is declared once
         ttgir = k.asm["ttgir"]
         layouts = dict(re.findall(r"^(#\\w+) = (.*)$", ttgir, re.M))
         asm_types = re.findall(r"tt.elementwise_inline_asm .*", ttgir)
         assert asm_types
         for line in asm_types:
             for shape, enc in re.findall(r"tensor<(\\w+)x\\w+, (#\\w+)>", line.split(" : ", 1)[1]):
+                if shape == "2048":  # the byte table's fill: any layout
+                    continue
                 assert shape == str(32 * warps), line[-200:]
                 want = f"sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}]"
                 assert want in layouts[enc], (enc, layouts[enc])
@@ -122,7 +135,7 @@ def test_llama_shapes_on_gpu(cfg, n, k, swiglu, rows):
     assert ((y.double() - want).norm() / want.norm()).item() < 6e-3
 
 
-def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_3_to_8_rows(monkeypatch):
+def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_any_rows(monkeypatch):
     from kernels import nf4_linear
 
     offered = []
@@ -135,12 +148,20 @@ def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_3_to_8_rows(monkeypatch):
     monkeypatch.setattr(nf4_linear, "pick_config", spy)
     packed = torch.randint(0, 256, (32 * 64 // 2,), dtype=torch.uint8).to(DEVICE)
     absmax = torch.ones(32, device=DEVICE)
-    for rows, dtype in ((4, torch.float32), (4, torch.bfloat16), (2, torch.bfloat16), (8, torch.float16)):
+    cases = (
+        (4, torch.float32),
+        (4, torch.bfloat16),
+        (2, torch.bfloat16),
+        (1, torch.float32),
+        (8, torch.float16),
+    )
+    for rows, dtype in cases:
         nf4_linear.nf4_linear(torch.randn(rows, 64, device=DEVICE, dtype=dtype), packed, absmax, (32, 64))
     assert offered == [
         (4, torch.float32, False),
         (4, torch.bfloat16, True),
-        (2, torch.bfloat16, False),
+        (2, torch.bfloat16, True),
+        (1, torch.float32, False),
         (8, torch.float16, True),
     ]
 

@@ -46,6 +46,7 @@ import triton.language as tl
 from kernels import pdl
 from kernels.nf4_gemv_rows import rows_epilogue, tile_rows
 from kernels.nf4_mma_block import block, lut_fill, lut_words, thread_id
+from kernels.nf4_mma_lora import lora_mma
 from kernels.reference import NF4_CODE
 
 
@@ -150,6 +151,13 @@ def _nf4_mma_kernel(
             xq = _load_x(x_ptr, kb, blk + 1, xmask)
             a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
             a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+    if R > 0:  # LoRA: t B^T as MMA k-steps over the rank, on the first K share of each tile
+        pdl.wait(PDL)  # t comes from the kernel just before (kernels/pdl.py)
+        pdl.release(PDL)
+        a0, a1, a2, a3 = lora_mma(
+            t_ptr, b_ptr, M, T_SPLITS, lora_scale, rowg, rmask, rmaskh, g, t, ks == 0,
+            a0, a1, a2, a3, R, TSP, X_KIND, ASM,
+        )  # fmt: skip
     # The K shares added, then the fragments put in (weight row, x row) order for the epilogue.
     y = _rows_by_x(
         tl.sum(tl.reshape(a0, (KS, TILES, 32)), axis=0),
@@ -165,7 +173,7 @@ def _nf4_mma_kernel(
     n, rows, rmask = tile_rows(tl.program_id(0), N_OUT, 16 * H, SWIGLU)
     rows_epilogue(
         y, n, rows, rmask, tl.arange(0, 8), M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, stride_ym,
-        lora_scale, R, RP, TSP, 16 * H, SWIGLU, PDL,
+        lora_scale, 0, RP, TSP, 16 * H, SWIGLU, PDL,
     )  # fmt: skip
 
 

@@ -65,8 +65,8 @@ cases = {
     "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=512, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
     "gemv_mma": (_nf4_mma_kernel, {**{k: v for k, v in gemv.items() if k not in ("kw", "stride_xm")},
-                 "x_ptr": "*i64", "w_ptr": "*i64", "kq": "i32", "stride_xq": "i32"},
-                 dict(R=16, RP=16, TSP=4, TILES=1, WARPS=4, X_KIND=2, SWIGLU=False, ASM=True)),
+                 "x_ptr": "*i64", "w_ptr": "*i64", "lut_ptr": "*i32", "kq": "i32", "stride_xq": "i32"},
+                 dict(R=16, RP=16, TSP=4, TILES=1, WARPS=4, AHEAD=2, X_KIND=2, SWIGLU=False, ASM=True)),
 }
 for name, (fn, sig, const) in cases.items():
     for on in (True, False):

@@ -40,8 +40,13 @@ def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Te
     which transformers keeps) are the only ones filter_top_k_top_p can keep, so top-p sorts
     those instead of V (128k for Llama 3). Same scores kept, same probabilities; where tokens
     tie at the top-p cut, which of them is kept is as arbitrary as in the whole-vocabulary sort.
+    That path counts the ties on the host, which on a GPU is a sync in the middle of sampling
+    (the kernels after it can no longer be queued behind the decode step): there the whole
+    vocabulary is filtered instead, a sort the GPU does in microseconds. The app's default
+    sampling ran at 94% of the greedy decode rate that way on an H200 and at 87-88% with the sync
+    on an H100 (bench/NOTES.md).
     """
-    if 0 < top_k < logits.shape[-1]:
+    if 0 < top_k < logits.shape[-1] and logits.device.type == "cpu":
         values, index = torch.topk(logits, top_k, dim=-1)
         kth = values[..., -1:]
         reach = int((logits >= kth).sum(dim=-1).max())  # k, or more where tokens tie at the k-th

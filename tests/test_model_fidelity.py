@@ -268,3 +268,11 @@ def test_a_tie_at_the_kth_score_keeps_every_tied_token():
     draws = {int(sample(logits[:1], torch.zeros_like(logits[:1], dtype=torch.bool), 1.0, 3, 1.0, 1.0,
                         torch.Generator().manual_seed(s))) for s in range(200)}  # fmt: skip
     assert draws <= {0, 1, 2, 3, 4} and {2, 3, 4} & draws
+
+
+def test_off_the_cpu_top_k_filters_the_whole_vocabulary():
+    """The candidates path counts ties on the host; on a GPU that would be a sync in the middle of
+    sampling, so there the whole-vocabulary filter runs (meta tensors stand in for CUDA ones)."""
+    logits = torch.empty(2, 1000, device="meta")
+    scores, index = candidates(logits, 50, 0.95)
+    assert index is None and scores.shape == logits.shape

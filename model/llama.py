@@ -7,7 +7,12 @@ Design decisions:
 - The KV cache is pre-allocated, (slots, Hk, max_seq_len, D) per layer, and every row of a
   batch carries its own positions, so rows at different lengths can decode together.
 - Attention reads the cache up to `attn_len`, a host-side bound on the longest row; a boolean
-  mask built from the positions hides what each row must not see.
+  mask built from the positions hides what each row must not see. A prefill from position 0
+  (every prompt up to the runner's chunk) is plain causal attention and passes no mask.
+- Prefill attention never uses cuDNN's SDPA: it builds an execution plan for every new (batch,
+  length) shape, ~0.4 s each on Hopper (torch 2.11 prefers it for masked attention there), which
+  a chat server would pay on almost every new prompt. Flash attention (causal, no mask) or the
+  memory-efficient kernel (masked) run instead, with no per-shape setup.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.config import ModelArgs
 from model.ops import Ops
 from model.quant import make_linear
+
+_PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -92,9 +100,14 @@ class Attention(nn.Module):
             keys, values = self.k_cache[:bsz, :, :attn_len], self.v_cache[:bsz, :, :attn_len]
         else:
             keys, values = self.k_cache[slots, :, :attn_len], self.v_cache[slots, :, :attn_len]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
-        )  # (B, Hq, T, D)
+        qt = q.transpose(1, 2)
+        with sdpa_kernel(_PREFILL_SDPA):  # no cuDNN: see the module's docstring
+            if mask is None:  # a prefill from position 0: causal, flash attention reads GQA as is
+                out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True, enable_gqa=True)
+            else:  # a later chunk of a long prompt: the K/V heads repeated for the masked kernel
+                rep = self.n_heads // self.n_kv_heads
+                keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+                out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask)  # (B, Hq, T, D)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -173,12 +186,13 @@ class Transformer(nn.Module):
         slots: torch.Tensor | None = None,  # (B,) cache rows; None: rows 0..B-1
         last_only: bool = True,
         last: torch.Tensor | None = None,  # (B,) with last_only: each row's token to return
+        from_start: bool = False,  # every row's positions are 0 .. T-1 and attn_len is T
     ) -> torch.Tensor:
         """Logits (B, 1, V) for the last token of each row (or token `last[b]` of row b), or
         (B, T, V)."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        mask = None  # decode: decode_attention masks by each row's position itself
-        if tokens.shape[1] > 1:
+        mask = None  # decode: decode_attention masks by each row's position itself; from_start: causal
+        if tokens.shape[1] > 1 and not from_start:
             key_pos = torch.arange(attn_len, device=tokens.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
         rows = (torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots)[:, None]

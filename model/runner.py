@@ -74,7 +74,9 @@ class Runner:
             end = min(width, start + PREFILL_CHUNK)
             positions = torch.arange(start, end, device=self.device).expand(len(prompts), -1)
             here = (last - start).clamp(0, end - start - 1).to(self.device)
-            logits = self.model(tokens[:, start:end], positions, attn_len=end, slots=slots, last=here)
+            logits = self.model(
+                tokens[:, start:end], positions, attn_len=end, slots=slots, last=here, from_start=start == 0
+            )
             for row, length in enumerate(lengths):
                 if start < length <= end:
                     out[row] = logits[row, 0]

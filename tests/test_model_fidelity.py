@@ -276,3 +276,18 @@ def test_off_the_cpu_top_k_filters_the_whole_vocabulary():
     logits = torch.empty(2, 1000, device="meta")
     scores, index = candidates(logits, 50, 0.95)
     assert index is None and scores.shape == logits.shape
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(tiny_folder, monkeypatch):
+    """The first chunk of a prefill is causal attention without a mask (flash attention on a GPU),
+    a later chunk attends through the mask with the K/V heads repeated: both give one result."""
+    import model.runner
+
+    engine = engine_over(load_model(str(tiny_folder), quantize="none", device="cpu", dtype=torch.float32))
+    ids = random_ids(40, engine.model.args.vocab_size, 7)
+    whole = engine.runner.prefill(ids, slot=0)
+    monkeypatch.setattr(model.runner, "PREFILL_CHUNK", 16)  # chunks of 16, 16 and 8 tokens
+    chunked = engine.runner.prefill(ids, slot=0)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole[0].float(), our_logits(engine.model, ids)[-1], atol=1e-4, rtol=1e-4)
+    engine.close()

@@ -84,7 +84,8 @@ def _t_rank(t_ptr, g, j, M, T_SPLITS, R, TSP: tl.constexpr, mask):
     m = mask & (j < R)
     s = tl.load(t_ptr + g * R + j, mask=m, other=0.0)
     for i in tl.static_range(1, TSP):
-        s += tl.load(t_ptr + (i * M + g) * R + j, mask=m & (i < T_SPLITS), other=0.0)
+        split = j * 0 + i  # a tensor: the interpreter rejects a tensor & scalar mask
+        s += tl.load(t_ptr + (i * M + g) * R + j, mask=m & (split < T_SPLITS), other=0.0)
     return s
 
 

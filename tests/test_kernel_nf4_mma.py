@@ -77,6 +77,13 @@ def test_code_bits_are_the_rounded_codes():
         assert nf4_mma_block.code_bits(dtype) == want.tolist()
 
 
+@pytest.mark.parametrize("cfg", [(1, 4, 1), (1, 4, 2)])
+def test_lora_over_several_partial_sums_and_ranks_past_16(cfg):
+    """K > 1024: t arrives as two partial sums; rank 20: a second, partial 16-rank MMA step."""
+    y, want = _run(2 * 32, 1280, 4, torch.float16, 20, True, cfg, seed=11)
+    torch.testing.assert_close(y.double(), want, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+
+
 def test_byte_table_holds_both_nibbles_codes():
     for dtype in (torch.float16, torch.bfloat16):
         code = torch.tensor(reference.NF4_CODE, dtype=dtype)

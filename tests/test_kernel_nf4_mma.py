@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import compile_for_hopper  # noqa: E402
+from ptx_sim import TABLE_ADDRESS  # noqa: E402
+from ptx_sim import run as run_ptx  # noqa: E402
 
 from kernels import nf4_mma, nf4_mma_block, reference  # noqa: E402
 from kernels.nf4_lora import lora_down  # noqa: E402
@@ -82,6 +84,85 @@ def test_lora_over_several_partial_sums_and_ranks_past_16(cfg):
     """K > 1024: t arrives as two partial sums; rank 20: a second, partial 16-rank MMA step."""
     y, want = _run(2 * 32, 1280, 4, torch.float16, 20, True, cfg, seed=11)
     torch.testing.assert_close(y.double(), want, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+
+
+def _bits16(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_ptx_on_a_simulated_warp(dtype):
+    """The GPU's PTX itself on 32 simulated lanes (tests/ptx_sim.py): the byte table's fill, the
+    lanes' offsets, the addressing of one block of two rows' bytes, the MMA fragments; against
+    fp64. (The interpreter path runs an emulation instead of the PTX.)"""
+    kind = "f16" if dtype == torch.float16 else "bf16"
+    gen = torch.Generator().manual_seed(1)
+    smem = bytearray(TABLE_ADDRESS + 32768)
+    table = nf4_mma_block.lut_words(dtype)
+    for i in range(0, 2048, 32):  # the fill's 2048 16-byte stores, a warp at a time
+        lanes = [{"$1": i + lane, "$2": table[(i + lane) // 8]} for lane in range(32)]
+        run_ptx(nf4_mma_block._LUT_STORE_PTX.value, lanes, smem, kind)
+    offsets = [r["$0"] for r in run_ptx(nf4_mma_block._LUT_LANE_PTX.value, [{}] * 32, smem, kind)]
+    w = torch.randint(0, 256, (16, 32), generator=gen, dtype=torch.uint8)  # 16 rows, one block
+    x = torch.randn(8, 64, generator=gen).to(dtype)
+    scale = torch.rand(16, generator=gen, dtype=torch.float64) + 0.5
+    acc = torch.rand(32, 4, generator=gen, dtype=torch.float64)
+    xbits = _bits16(x)
+    lanes = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        regs = {
+            "$4": int.from_bytes(bytes(w[g, 8 * t : 8 * t + 8].tolist()), "little"),
+            "$5": int.from_bytes(bytes(w[g + 8, 8 * t : 8 * t + 8].tolist()), "little"),
+            "$10": offsets[lane], "$11": float(scale[g]), "$12": float(scale[g + 8]),
+        }  # fmt: skip
+        for j in range(4):  # k-step j's x: elements 16t + 4j .. 16t + 4j + 3 of x row g
+            regs[f"${6 + j}"] = sum(int(xbits[g, 16 * t + 4 * j + h]) << (16 * h) for h in range(4))
+        regs.update({f"${13 + i}": float(acc[lane, i]) for i in range(4)})
+        lanes.append(regs)
+    out = run_ptx(nf4_mma_block.block_ptx(kind), lanes, smem, kind)
+    code = torch.tensor(reference.NF4_CODE, dtype=dtype).double()
+    dense = torch.stack([code[(w >> 4).long()], code[(w & 15).long()]], -1).reshape(16, 64)
+    d = (dense @ x.double().T) * scale[:, None]  # (weight rows, x rows)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        want = [d[g, 2 * t], d[g, 2 * t + 1], d[g + 8, 2 * t], d[g + 8, 2 * t + 1]]
+        got = [out[lane][f"${i}"] - acc[lane, i] for i in range(4)]
+        assert max(abs(float(a - b)) for a, b in zip(got, want)) < 1e-9, lane
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_mma_ptx_on_a_simulated_warp(dtype):
+    """LoRA's MMA k-step PTX on 32 simulated lanes: acc + s * (B t^T) fragments, against fp64."""
+    from kernels.nf4_mma_lora import _mma_add_ptx
+
+    kind = "f16" if dtype == torch.float16 else "bf16"
+    gen = torch.Generator().manual_seed(2)
+    b = torch.randn(16, 16, generator=gen).to(dtype)  # (weight rows, ranks)
+    t = torch.randn(8, 16, generator=gen).to(dtype)  # (x rows, ranks)
+    acc = torch.rand(32, 4, generator=gen, dtype=torch.float64)
+    bb, tb = _bits16(b), _bits16(t)
+
+    def pair(m, r, c):
+        return int(m[r, c]) | int(m[r, c + 1]) << 16
+
+    lanes = []
+    for lane in range(32):
+        g, q = lane // 4, lane % 4
+        regs = {
+            "$4": pair(bb, g, 2 * q), "$5": pair(bb, g + 8, 2 * q), "$6": pair(bb, g, 2 * q + 8),
+            "$7": pair(bb, g + 8, 2 * q + 8), "$8": pair(tb, g, 2 * q), "$9": pair(tb, g, 2 * q + 8),
+            "$10": 0.75,
+        }  # fmt: skip
+        regs.update({f"${11 + i}": float(acc[lane, i]) for i in range(4)})
+        lanes.append(regs)
+    out = run_ptx(_mma_add_ptx(kind), lanes, bytearray(0), kind)
+    d = 0.75 * (b.double() @ t.double().T)
+    for lane in range(32):
+        g, q = lane // 4, lane % 4
+        want = [d[g, 2 * q], d[g, 2 * q + 1], d[g + 8, 2 * q], d[g + 8, 2 * q + 1]]
+        got = [out[lane][f"${i}"] - acc[lane, i] for i in range(4)]
+        assert max(abs(float(a - b)) for a, b in zip(got, want)) < 1e-9, lane
 
 
 def test_byte_table_holds_both_nibbles_codes():

@@ -1,0 +1,133 @@
+"""A small simulator of the PTX the tensor-core NF4 GEMV emits (kernels/nf4_mma_block.py and
+kernels/nf4_mma_lora.py), so that CI runs the exact instruction strings a GPU runs, on 32 lanes.
+
+The interpreter path of those kernels emulates what the PTX computes; this runs the PTX itself:
+the byte-table fill, the lane offsets, the table addressing and the MMA fragments. Only the
+subset the kernels use: mov (32-bit, and a 64-bit value split into a pair), shl / shr / and / or
+/ add / mad.lo on 32 bits, ld.shared.b32 and st.shared.v4.b32 on a byte-addressed shared array
+(the table symbol nf4lut at TABLE_ADDRESS: on sm_90 a CTA's first 1 KB of shared memory is
+reserved, so that is where the table sits, not at a 32 KB boundary),
+mma.sync.aligned.m16n8k16.row.col.f32 with f16 or bf16 operands (products and sums in fp64,
+fragments as the PTX ISA lays them out), fma.rn.f32 (in fp64). Registers are per lane; %laneid
+is the lane's index.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+M32 = 0xFFFFFFFF
+TABLE_ADDRESS = 0x400  # where ptxas put nf4lut (SASS: UMOV UR4, 0x400), after the reserved 1 KB
+
+
+def half_to_float(bits: int, kind: str) -> float:
+    """A 16-bit pattern as fp16 ("f16") or bf16 ("bf16")."""
+    if kind == "f16":
+        return struct.unpack("<e", struct.pack("<H", bits & 0xFFFF))[0]
+    return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+def _statements(ptx: str) -> list[str]:
+    keep = []
+    for line in ptx.replace("\\n", "\n").split("\n"):
+        line = line.strip().rstrip(";")
+        if line and line not in "{}" and not line.startswith((".reg", ".shared")):
+            keep.append(line)
+    return keep
+
+
+def _operands(rest: str) -> list[str]:
+    return [a.strip() for a in re.split(r",(?![^{]*\})", rest)]
+
+
+def _group(text: str) -> list[str]:
+    return [s.strip() for s in text.strip().strip("{}").split(",")]
+
+
+def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> list[dict]:
+    """Run ptx on 32 lanes (lanes[l]: register name -> value, "$i" for the asm's operands);
+    returns the lanes' registers after it. smem is read and written in place."""
+    regs = [dict(r) for r in lanes]
+
+    def value(lane: int, token: str):
+        token = token.strip()
+        if token in regs[lane]:
+            return regs[lane][token]
+        if token == "%laneid":
+            return lane
+        if token == "nf4lut":
+            return TABLE_ADDRESS
+        if token.startswith("0f"):
+            return struct.unpack(">f", bytes.fromhex(token[2:]))[0]
+        return int(token, 0)
+
+    for line in _statements(ptx):
+        op, rest = line.split(None, 1)
+        args = _operands(rest)
+        if op.startswith("mma.sync.aligned.m16n8k16.row.col.f32"):
+            _mma(regs, [_group(a) for a in args], value, kind)
+            continue
+        for lane in range(32):
+            r = regs[lane]
+            if op == "mov.b64":
+                lo, hi = _group(args[0])
+                v = value(lane, args[1])
+                r[lo], r[hi] = v & M32, (v >> 32) & M32
+            elif op in ("mov.u32", "mov.b32", "mov.f32"):
+                r[args[0]] = value(lane, args[1])
+            elif op == "shl.b32":
+                r[args[0]] = (value(lane, args[1]) << value(lane, args[2])) & M32
+            elif op == "shr.u32":
+                r[args[0]] = (value(lane, args[1]) & M32) >> value(lane, args[2])
+            elif op == "and.b32":
+                r[args[0]] = value(lane, args[1]) & value(lane, args[2])
+            elif op == "or.b32":
+                r[args[0]] = value(lane, args[1]) | value(lane, args[2])
+            elif op == "add.u32":
+                r[args[0]] = (value(lane, args[1]) + value(lane, args[2])) & M32
+            elif op == "mad.lo.u32":
+                r[args[0]] = (value(lane, args[1]) * value(lane, args[2]) + value(lane, args[3])) & M32
+            elif op == "ld.shared.b32":
+                address = value(lane, args[1].strip("[]"))
+                assert address % 4 == 0 and 0 <= address < len(smem), address
+                r[args[0]] = int.from_bytes(smem[address : address + 4], "little")
+            elif op == "st.shared.v4.b32":
+                address = value(lane, args[0].strip("[]"))
+                assert address % 16 == 0 and 0 <= address < len(smem), address
+                words = [value(lane, v) & M32 for v in _group(args[1])]
+                smem[address : address + 16] = b"".join(w.to_bytes(4, "little") for w in words)
+            elif op == "fma.rn.f32":
+                r[args[0]] = value(lane, args[1]) * value(lane, args[2]) + value(lane, args[3])
+            else:
+                raise ValueError(f"not simulated: {line}")
+    return regs
+
+
+def _mma(regs, groups, value, kind) -> None:
+    """One warp-wide m16n8k16: lane (g, t) holds A[g, 2t + e] (a0), A[g + 8, 2t + e] (a1),
+    A[g, 2t + 8 + e] (a2), A[g + 8, 2t + 8 + e] (a3), B[2t + e, g] (b0), B[2t + 8 + e, g] (b1),
+    C / D rows g (c0, c1) and g + 8 (c2, c3) at columns 2t, 2t + 1; e is the register's half."""
+    d, a, b, c = groups
+    A = [[0.0] * 16 for _ in range(16)]
+    B = [[0.0] * 8 for _ in range(16)]
+    C = [[0.0] * 8 for _ in range(16)]
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        av = [value(lane, x) for x in a]
+        bv = [value(lane, x) for x in b]
+        cv = [value(lane, x) for x in c]
+        for e in range(2):
+            A[g][2 * t + e] = half_to_float(av[0] >> 16 * e, kind)
+            A[g + 8][2 * t + e] = half_to_float(av[1] >> 16 * e, kind)
+            A[g][2 * t + 8 + e] = half_to_float(av[2] >> 16 * e, kind)
+            A[g + 8][2 * t + 8 + e] = half_to_float(av[3] >> 16 * e, kind)
+            B[2 * t + e][g] = half_to_float(bv[0] >> 16 * e, kind)
+            B[2 * t + 8 + e][g] = half_to_float(bv[1] >> 16 * e, kind)
+        C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1] = cv
+    D = [[sum(A[i][k] * B[k][j] for k in range(16)) + C[i][j] for j in range(8)] for i in range(16)]
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        out = (D[g][2 * t], D[g][2 * t + 1], D[g + 8][2 * t], D[g + 8][2 * t + 1])
+        for name, v in zip(d, out):
+            regs[lane][name] = v

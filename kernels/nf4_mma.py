@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4_gemv_rows import rows_epilogue, tile_rows
-from kernels.nf4_mma_block import block, lut_fill, lut_words, thread_id
+from kernels.nf4_mma_block import block, load_w, load_x, lut_fill, lut_words, thread_id
 from kernels.nf4_mma_lora import lora_mma
 from kernels.reference import NF4_CODE
 
@@ -120,17 +120,17 @@ def _nf4_mma_kernel(
     # flight a warp, the loads' latency behind the MMAs. x comes from L1/L2 at its step.
     if AHEAD > 0:
         blk = 2 * ks
-        p = _load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
-        q = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
+        p = load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
+        q = load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
         if AHEAD == 2:
-            pn = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 2 * KS, rmask, rmaskh)
-            qn = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 2 * KS + 1, rmask, rmaskh)
+            pn = load_w(wg_ptr, sg_ptr, kq, kb, blk + 2 * KS, rmask, rmaskh)
+            qn = load_w(wg_ptr, sg_ptr, kq, kb, blk + 2 * KS + 1, rmask, rmaskh)
         for _ in range(0, tl.cdiv(kb, 2 * KS)):
             nxt = blk + 2 * AHEAD * KS
-            pa = _load_w(wg_ptr, sg_ptr, kq, kb, nxt, rmask, rmaskh)
-            qa = _load_w(wg_ptr, sg_ptr, kq, kb, nxt + 1, rmask, rmaskh)
-            xp = _load_x(x_ptr, kb, blk, xmask)
-            xq = _load_x(x_ptr, kb, blk + 1, xmask)
+            pa = load_w(wg_ptr, sg_ptr, kq, kb, nxt, rmask, rmaskh)
+            qa = load_w(wg_ptr, sg_ptr, kq, kb, nxt + 1, rmask, rmaskh)
+            xp = load_x(x_ptr, kb, blk, xmask)
+            xq = load_x(x_ptr, kb, blk + 1, xmask)
             a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
             a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
             if AHEAD == 2:
@@ -145,10 +145,10 @@ def _nf4_mma_kernel(
     else:
         for it in range(0, tl.cdiv(kb, 2 * KS)):
             blk = 2 * (it * KS + ks)
-            p = _load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
-            q = _load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
-            xp = _load_x(x_ptr, kb, blk, xmask)
-            xq = _load_x(x_ptr, kb, blk + 1, xmask)
+            p = load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
+            q = load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
+            xp = load_x(x_ptr, kb, blk, xmask)
+            xq = load_x(x_ptr, kb, blk + 1, xmask)
             a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
             a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
     if R > 0:  # LoRA: t B^T as MMA k-steps over the rank, on the first K share of each tile
@@ -185,29 +185,6 @@ def _rows_by_x(c0, c1, c2, c3):
     top = tl.reshape(tl.join(tl.reshape(c0, (T, 8, 4)), tl.reshape(c1, (T, 8, 4))), (T, 8, 8))
     bottom = tl.reshape(tl.join(tl.reshape(c2, (T, 8, 4)), tl.reshape(c3, (T, 8, 4))), (T, 8, 8))
     return tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (T, 16, 8))
-
-
-@triton.jit
-def _load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh):
-    """A lane's weight registers for absmax block blk: 8 bytes and the absmax of rows g and g + 8
-    (zeros past K or past the rows of W)."""
-    kmask = blk < kb
-    wg = tl.load(wg_ptr + 4 * blk, mask=kmask & rmask, other=0)
-    wh = tl.load(wg_ptr + 8 * kq + 4 * blk, mask=kmask & rmaskh, other=0)
-    sg = tl.load(sg_ptr + blk, mask=kmask & rmask, other=0.0)
-    sh = tl.load(sg_ptr + 8 * kb + blk, mask=kmask & rmaskh, other=0.0)
-    return wg, wh, sg, sh
-
-
-@triton.jit
-def _load_x(x_ptr, kb, blk, xmask):
-    """The 4 int64 of x row g that block blk's k-steps multiply (zeros past K or the rows of x)."""
-    xm = (blk < kb) & xmask
-    x0 = tl.load(x_ptr + 16 * blk, mask=xm, other=0)
-    x1 = tl.load(x_ptr + 16 * blk + 1, mask=xm, other=0)
-    x2 = tl.load(x_ptr + 16 * blk + 2, mask=xm, other=0)
-    x3 = tl.load(x_ptr + 16 * blk + 3, mask=xm, other=0)
-    return x0, x1, x2, x3
 
 
 @functools.cache

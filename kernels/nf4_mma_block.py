@@ -1,6 +1,6 @@
-"""One absmax block of the tensor-core NF4 GEMV (kernels/nf4_mma.py): its PTX, the shared byte
-table it decodes through, and the interpreter's emulation of what that PTX computes from the
-same per-lane registers.
+"""One absmax block of the tensor-core NF4 GEMV (kernels/nf4_mma.py): a lane's loads for it, its
+PTX, the shared byte table it decodes through, and the interpreter's emulation of what that PTX
+computes from the same per-lane registers.
 
 A lane (g, t) holds, for one block of 64 k: 8 bytes of rows g and g + 8 (int64 each), the 4 int64
 of x its k-steps multiply (B's b0 in the low word, b1 in the high word, x row g), and the two
@@ -153,6 +153,29 @@ def lut_fill(lut_ptr, e):
     tl.inline_asm_elementwise(_LUT_STORE_PTX, "=r,r,r", [i, v], tl.int32, False, 1)
     tl.debug_barrier()
     return tl.inline_asm_elementwise(_LUT_LANE_PTX, "=r,r", [e], tl.int32, False, 1)
+
+
+@triton.jit
+def load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh):
+    """A lane's weight registers for absmax block blk: 8 bytes and the absmax of rows g and g + 8
+    (zeros past K or past the rows of W)."""
+    kmask = blk < kb
+    wg = tl.load(wg_ptr + 4 * blk, mask=kmask & rmask, other=0)
+    wh = tl.load(wg_ptr + 8 * kq + 4 * blk, mask=kmask & rmaskh, other=0)
+    sg = tl.load(sg_ptr + blk, mask=kmask & rmask, other=0.0)
+    sh = tl.load(sg_ptr + 8 * kb + blk, mask=kmask & rmaskh, other=0.0)
+    return wg, wh, sg, sh
+
+
+@triton.jit
+def load_x(x_ptr, kb, blk, xmask):
+    """The 4 int64 of x row g that block blk's k-steps multiply (zeros past K or the rows of x)."""
+    xm = (blk < kb) & xmask
+    x0 = tl.load(x_ptr + 16 * blk, mask=xm, other=0)
+    x1 = tl.load(x_ptr + 16 * blk + 1, mask=xm, other=0)
+    x2 = tl.load(x_ptr + 16 * blk + 2, mask=xm, other=0)
+    x3 = tl.load(x_ptr + 16 * blk + 3, mask=xm, other=0)
+    return x0, x1, x2, x3
 
 
 @triton.jit

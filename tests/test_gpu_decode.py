@@ -5,6 +5,7 @@
   random Llama with the same quantized weights, over 64 greedy tokens: HF's sequence is fed
   through our model and our argmax must equal HF's next token wherever HF's own top-1 margin
   is clear of bf16 rounding (random models have many near-ties).
+- Prefill attention runs no cuDNN kernel (no per-shape plan builds), chunked or not.
 """
 
 from __future__ import annotations
@@ -127,3 +128,23 @@ def test_pdl_changes_no_logit(checkpoint, graphs, monkeypatch):
         torch.cuda.empty_cache()
     for with_pdl, without in zip(results["1"], results["0"]):
         assert torch.equal(with_pdl, without)
+
+
+def test_prefill_attention_needs_no_per_shape_setup(checkpoint, monkeypatch):
+    """Prefill attention never runs cuDNN's SDPA (an execution plan built for every new (batch,
+    length) shape, ~0.4 s each on Hopper: model/llama.py); a prompt prefilled in chunks (the later
+    chunks through the mask) gives the logits of one pass within bf16 rounding."""
+    import model.runner
+
+    folder, adapter = checkpoint
+    engine = load(folder, adapter, graphs=False)
+    prompt = list(range(100, 190))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        whole = engine.runner.prefill(prompt, slot=0).float()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names and not [n for n in names if "cudnn" in n.lower()], sorted(set(names))[:20]
+    monkeypatch.setattr(model.runner, "PREFILL_CHUNK", 32)  # chunks of 32, 32 and 26 tokens
+    chunked = engine.runner.prefill(prompt, slot=0).float()
+    assert ((chunked - whole).norm() / whole.norm()).item() < 2e-2
+    engine.close()

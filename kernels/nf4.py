@@ -34,14 +34,14 @@ import triton.language as tl
 from kernels.reference import NF4_BLOCKSIZE, NF4_CODE, nf4_code_table
 
 
-def lane_table_ptx(values: list[int]) -> str:
-    """PTX leaving values[laneid % 16] (16 32-bit patterns) in $0, by a 4-level select tree on
-    the lane bits."""
+def _lane_table_ptx() -> str:
+    """PTX leaving NF4_CODE[laneid % 16] in $0, by a 4-level select tree on the lane bits."""
+    bits = lambda v: f"0f{struct.unpack('<I', struct.pack('<f', v))[0]:08X}"
     lines = ["{", ".reg .u32 l, b;", ".reg .pred p<4>;", ".reg .b32 t<14>;", "mov.u32 l, %laneid;"]
     for i in range(4):
         lines += [f"and.b32 b, l, {1 << i};", f"setp.ne.u32 p{i}, b, 0;"]
     for i in range(8):
-        lines.append(f"selp.b32 t{i}, {values[2 * i + 1]}, {values[2 * i]}, p0;")
+        lines.append(f"selp.b32 t{i}, {bits(NF4_CODE[2 * i + 1])}, {bits(NF4_CODE[2 * i])}, p0;")
     lines += [f"selp.b32 t{8 + i}, t{2 * i + 1}, t{2 * i}, p1;" for i in range(4)]
     lines += ["selp.b32 t12, t9, t8, p2;", "selp.b32 t13, t11, t10, p2;"]
     return "\n".join([*lines, "selp.b32 $0, t13, t12, p3;", "}"])
@@ -56,9 +56,7 @@ def _shfl_decode_ptx() -> str:
 
 
 _BLOCK = tl.constexpr(NF4_BLOCKSIZE)
-_LANE_TABLE_PTX = tl.constexpr(
-    lane_table_ptx([struct.unpack("<I", struct.pack("<f", v))[0] for v in NF4_CODE])
-)
+_LANE_TABLE_PTX = tl.constexpr(_lane_table_ptx())
 _SHFL_DECODE_PTX = tl.constexpr(_shfl_decode_ptx())
 
 

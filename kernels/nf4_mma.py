@@ -129,10 +129,9 @@ def _nf4_mma_kernel(
             nxt = blk + 2 * AHEAD * KS
             pa = load_w(wg_ptr, sg_ptr, kq, kb, nxt, rmask, rmaskh)
             qa = load_w(wg_ptr, sg_ptr, kq, kb, nxt + 1, rmask, rmaskh)
-            xp = load_x(x_ptr, kb, blk, xmask)
-            xq = load_x(x_ptr, kb, blk + 1, xmask)
-            a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
-            a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+            a0, a1, a2, a3 = _two_blocks(
+                p, q, x_ptr, kb, blk, xmask, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM
+            )
             if AHEAD == 2:
                 p = pn
                 q = qn
@@ -147,10 +146,9 @@ def _nf4_mma_kernel(
             blk = 2 * (it * KS + ks)
             p = load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh)
             q = load_w(wg_ptr, sg_ptr, kq, kb, blk + 1, rmask, rmaskh)
-            xp = load_x(x_ptr, kb, blk, xmask)
-            xq = load_x(x_ptr, kb, blk + 1, xmask)
-            a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
-            a0, a1, a2, a3 = block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+            a0, a1, a2, a3 = _two_blocks(
+                p, q, x_ptr, kb, blk, xmask, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM
+            )
     if R > 0:  # LoRA: t B^T as MMA k-steps over the rank, on the first K share of each tile
         pdl.wait(PDL)  # t comes from the kernel just before (kernels/pdl.py)
         pdl.release(PDL)
@@ -175,6 +173,17 @@ def _nf4_mma_kernel(
         y, n, rows, rmask, tl.arange(0, 8), M, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, stride_ym,
         lora_scale, 0, RP, TSP, 16 * H, SWIGLU, PDL,
     )  # fmt: skip
+
+
+@triton.jit
+def _two_blocks(
+    p, q, x_ptr, kb, blk, xmask, lane, code_ptr, a0, a1, a2, a3, X_KIND: tl.constexpr, ASM: tl.constexpr
+):
+    """The running sums plus blocks blk (weights p) and blk + 1 (weights q), their x loaded now."""
+    xp = load_x(x_ptr, kb, blk, xmask)
+    xq = load_x(x_ptr, kb, blk + 1, xmask)
+    a0, a1, a2, a3 = block(p, xp, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
+    return block(q, xq, lane, code_ptr, a0, a1, a2, a3, X_KIND, ASM)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ batching over max_batch KV-cache slots); the caller's thread turns tokens into t
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from model.loader import DEFAULT_SOURCE, LoadedModel, ModelSourceError, load_mod
 from model.runner import GraphRunner, Runner
 from model.scheduler import BusyError, Request, Scheduler
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 4  # KV-cache slots: concurrent generations
 DEFAULT_MAX_WAITING = 64  # requests queued beyond those before "busy"
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "</s>")
@@ -272,7 +274,23 @@ class Engine:
         except EngineError:
             engine.close()
             raise
+        engine.warm_up()
         return engine
+
+    def warm_up(self) -> None:
+        """With CUDA graphs: tune the kernels and capture the decode step of every batch size now,
+        for the base model and each adapter, so that no request waits for it (a batch size first
+        met mid-generation stalled every stream for as long; the first start on a machine tunes
+        for a minute or more). A longer attention length is still captured at first use, without
+        tuning. Runs before the engine serves anything: the worker is idle."""
+        if not isinstance(self.runner, GraphRunner):
+            return
+        log.info("Tuning kernels, capturing the decode step for batch sizes %s", self.runner.batch_sizes)
+        for adapter in [None, *self.adapter_weights]:
+            self.scheduler.use_adapter(adapter)
+            for batch in self.runner.batch_sizes:
+                self.runner.decode([0] * batch, [0] * batch, adapter)
+        self.scheduler.use_adapter(None)
 
     def _stop_ids(self) -> frozenset[int]:
         ids = set(self.loaded.args.eos_token_ids)

@@ -156,6 +156,7 @@ class Transformer(nn.Module):
         if self.output is not None:
             self.output.weight.requires_grad_(False)
         self.max_seq_len = self.slots = 0
+        self.active_adapter = None  # the LoRA adapter the projections apply (model/lora.py: activate)
 
     def setup_caches(self, slots: int, max_seq_len: int) -> None:
         """Allocate the static KV cache and the RoPE table for max_seq_len positions."""

@@ -194,6 +194,7 @@ def stack_parts(
 
 def activate(model: Transformer, adapter: Adapter | None) -> None:
     """Make `adapter` the one every projection applies (None: the base model alone)."""
+    model.active_adapter = adapter
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora = None if adapter is None else adapter.get(name)

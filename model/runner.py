@@ -10,6 +10,12 @@ longest sequence, so one graph is captured per attention-length bucket (powers o
 256 up to max_seq_len): the cache read is at most twice what it must be, and short chats read
 little. A graph also fixes the LoRA tensors it was captured with, so each (adapter, bucket)
 pair gets its own graph; all of them share one memory pool.
+
+A short prefill is host-bound too (~1,100 launches for an 8B model, ~35 ms against ~15 ms of
+kernels at 60 tokens), so prefills of up to PREFILL_GRAPH_TOKENS padded tokens replay a graph
+per (adapter, prompts, width) as well, the width rounded up to PREFILL_WIDTH_STEP. Both runners
+pad a CUDA prefill's width the same way, so graph and eager prefills run the same kernels on the
+same shapes and give the same logits. Longer prefills are kernel-bound and run eagerly.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ MIN_BUCKET = 256
 # are dequantized once a pass, so a 1,000-token prompt in 512-token chunks paid that twice
 # (H200: 75 ms to the first token against 32 ms for the bf16 model).
 PREFILL_CHUNK = 2048
+PREFILL_WIDTH_STEP = 64  # a CUDA prefill's width is rounded up to this (graph keys stay few)
+PREFILL_GRAPH_TOKENS = 512  # padded prompt tokens (prompts x width) up to which a prefill replays a graph
 
 
 def attention_buckets(max_seq_len: int) -> list[int]:
@@ -59,16 +67,9 @@ class Runner:
         (more rows can change the kernel that runs: NF4 GEMV up to 8 rows, dequantize + cuBLAS
         above), not in what they mean.
         """
+        tokens, slots, last = self.prefill_inputs(prompts)
         lengths = [len(ids) for ids, _ in prompts]
-        width = max(lengths)
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, (ids, _) in enumerate(prompts):
-            tokens[row, : len(ids)] = torch.tensor(ids)
-        tokens = tokens.to(self.device)
-        slots = [slot for _, slot in prompts]
-        # rows 0..n-1 attend through views of the cache; other slots through a gathered copy
-        slots = None if slots == list(range(len(prompts))) else torch.tensor(slots, device=self.device)
-        last = torch.tensor(lengths) - 1
+        width = tokens.shape[1]
         out: list[torch.Tensor | None] = [None] * len(prompts)
         for start in range(0, width, PREFILL_CHUNK):
             end = min(width, start + PREFILL_CHUNK)
@@ -81,6 +82,25 @@ class Runner:
                 if start < length <= end:
                     out[row] = logits[row, 0]
         return torch.stack(out)
+
+    def prefill_width(self, n: int, width: int) -> int:
+        """The width a prefill of n prompts, the longest `width` tokens, runs at: on CUDA rounded
+        up to PREFILL_WIDTH_STEP when that stays within a graph's size and the cache."""
+        padded = -(-width // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP
+        small = n * padded <= PREFILL_GRAPH_TOKENS and padded <= self.model.max_seq_len
+        return padded if self.device.type == "cuda" and small else width
+
+    def prefill_inputs(self, prompts: list[tuple[list[int], int]]):
+        """(tokens (n, W) on the device, slots (n,) on the device or None for rows 0..n-1, each
+        prompt's last index (n,) on the host): prompts padded at the end to the run's width."""
+        width = self.prefill_width(len(prompts), max(len(ids) for ids, _ in prompts))
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, (ids, _) in enumerate(prompts):
+            tokens[row, : len(ids)] = torch.tensor(ids)
+        slots = [slot for _, slot in prompts]
+        # rows 0..n-1 attend through views of the cache; other slots through a gathered copy
+        slots = None if slots == list(range(len(prompts))) else torch.tensor(slots, device=self.device)
+        return tokens.to(self.device), slots, torch.tensor([len(ids) - 1 for ids, _ in prompts])
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:
@@ -99,7 +119,7 @@ def batch_buckets(slots: int) -> list[int]:
 
 
 class GraphRunner(Runner):
-    """Prefill eagerly; decode by replaying a captured graph."""
+    """Decode, and prefill up to PREFILL_GRAPH_TOKENS padded tokens, by replaying captured graphs."""
 
     def __init__(self, model: Transformer):
         super().__init__(model)
@@ -108,7 +128,53 @@ class GraphRunner(Runner):
         self.token = torch.zeros(model.slots, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(model.slots, 1, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (adapter object's id, prompts, width, gathered slots) -> (graph, inputs, logits, adapter)
+        self.prefill_graphs: dict[tuple, tuple] = {}
         self.pool = torch.cuda.graph_pool_handle()
+
+    def record(self, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Run `step` for real on a side stream (Triton compiles and tunes outside the capture),
+        then capture it; returns the graph and its output."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        return graph, out
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Runner.prefill_many, replayed from a graph when the padded prompts are short. A graph
+        bakes in the LoRA tensors active when it was captured: it is keyed by that adapter
+        object (model.active_adapter, kept alive with the graph)."""
+        tokens, slots, last = self.prefill_inputs(prompts)
+        n, width = tokens.shape
+        if n * width > PREFILL_GRAPH_TOKENS or width % PREFILL_WIDTH_STEP:
+            return super().prefill_many(prompts)
+        adapter = self.model.active_adapter
+        key = (id(adapter), n, width, slots is not None)
+        if key not in self.prefill_graphs:
+            log.info("Capturing the prefill of %d prompt(s) of up to %d tokens", n, width)
+            # the graph reads these addresses at every replay: they live as long as it does
+            inputs = (
+                tokens.clone(), None if slots is None else slots.clone(), last.to(self.device),
+                torch.arange(width, device=self.device).expand(n, -1),
+            )  # fmt: skip
+            step = lambda: self.model(  # noqa: E731
+                inputs[0], inputs[3], attn_len=width, slots=inputs[1], last=inputs[2], from_start=True
+            )[:, 0]
+            self.prefill_graphs[key] = (*self.record(step), inputs, adapter)
+        graph, logits, (static_tokens, static_slots, static_last, _), _ = self.prefill_graphs[key]
+        static_tokens.copy_(tokens)
+        if slots is not None:
+            static_slots.copy_(slots)
+        static_last.copy_(last)
+        graph.replay()
+        return logits.clone()  # the graph's buffer is rewritten by its next replay
 
     def capture(self, batch: int, attn_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record one decode step of rows 0..batch-1 reading the cache up to attn_len.
@@ -117,17 +183,7 @@ class GraphRunner(Runner):
         write are the ones the replay writes again: capturing mid-generation changes nothing.
         """
         token, position = self.token[:batch], self.position[:batch]
-        step = lambda: self.model(token, position, attn_len=attn_len)[:, -1]  # noqa: E731
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = step()
-        return graph, logits
+        return self.record(lambda: self.model(token, position, attn_len=attn_len)[:, -1])
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:

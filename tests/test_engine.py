@@ -335,6 +335,27 @@ def test_shared_prefill_groups_are_bounded_like_one_pass():
         assert len(group) == 1 or width * len(group) <= PREFILL_CHUNK
 
 
+def test_cuda_prefill_widths_are_padded_to_few_graph_shapes():
+    """On CUDA both runners pad a short prefill's width to a multiple of PREFILL_WIDTH_STEP (one
+    graph per width step, and eager and graph prefills on the same shapes); never past the
+    cache, never when the padded prompts exceed a graph's tokens, never on a CPU."""
+    from types import SimpleNamespace
+
+    from model.runner import PREFILL_GRAPH_TOKENS, PREFILL_WIDTH_STEP, Runner
+
+    def width(n: int, w: int, device: str = "cuda", max_seq_len: int = 4096) -> int:
+        model = SimpleNamespace(device=torch.device(device), max_seq_len=max_seq_len)
+        return Runner(model).prefill_width(n, w)
+
+    step, most = PREFILL_WIDTH_STEP, PREFILL_GRAPH_TOKENS
+    assert width(1, 60) == width(1, step) == step and width(1, step + 1) == 2 * step
+    assert width(most // step, step - 3) == step  # prompts x padded width == the limit
+    assert width(most // step + 1, step - 3) == step - 3  # one prompt more: eager, unpadded
+    assert width(1, most + 1) == most + 1
+    assert width(1, 60, max_seq_len=62) == 60
+    assert width(1, 60, device="cpu") == 60
+
+
 def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, monkeypatch):
     import model.scheduler
 

@@ -6,6 +6,8 @@
   through our model and our argmax must equal HF's next token wherever HF's own top-1 margin
   is clear of bf16 rounding (random models have many near-ties).
 - Prefill attention runs no cuDNN kernel (no per-shape plan builds), chunked or not.
+- Short prefills replayed from graphs give the eager runner's logits bit for bit, each under the
+  adapter that was active at its capture; the engine captured every batch size at load.
 """
 
 from __future__ import annotations
@@ -144,7 +146,32 @@ def test_prefill_attention_needs_no_per_shape_setup(checkpoint, monkeypatch):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert names and not [n for n in names if "cudnn" in n.lower()], sorted(set(names))[:20]
-    monkeypatch.setattr(model.runner, "PREFILL_CHUNK", 32)  # chunks of 32, 32 and 26 tokens
+    monkeypatch.setattr(model.runner, "PREFILL_CHUNK", 32)  # 90 tokens padded to 128: 4 chunks
     chunked = engine.runner.prefill(prompt, slot=0).float()
     assert ((chunked - whole).norm() / whole.norm()).item() < 2e-2
+    engine.close()
+
+
+def test_prefill_graphs_equal_eager_prefill(checkpoint):
+    from model import lora
+    from model.runner import Runner
+
+    folder, adapter = checkpoint
+    engine = load(folder, adapter, graphs=True)
+    name = engine.adapters()[0]
+    captured = {(a, batch) for a, batch, _ in engine.runner.graphs}
+    assert captured == {(a, batch) for a in (None, name) for batch in (1, 2, 4)}  # Engine.warm_up
+    eager, weights = Runner(engine.model), engine.adapter_weights[name]
+    cases = [  # rows 0..n-1 (cache views), then gathered slots with unequal prompts
+        [(list(range(100, 160)), 0)],
+        [(list(range(200, 230)), 1), (list(range(300, 350)), 3)],
+    ]
+    for active in (weights, None, weights):  # a graph is keyed by the adapter it baked in
+        lora.activate(engine.model, active)
+        for prompts in cases:
+            first, again = engine.runner.prefill_many(prompts), engine.runner.prefill_many(prompts)
+            expected = eager.prefill_many(prompts)
+            for graphed in (first, again):
+                assert torch.equal(graphed, expected), (graphed - expected).abs().max().item()
+    assert len(engine.runner.prefill_graphs) == 4
     engine.close()

@@ -50,6 +50,10 @@ class Runner:
     def __init__(self, model: Transformer):
         self.model = model
         self.device = model.device
+        # what the last decode step fed: rows 0..width-1, token and position of each
+        self.token = torch.zeros(max(model.slots, 1), 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros_like(self.token)
+        self.width = self.max_position = 0
 
     def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
         """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1 of `slot`."""
@@ -104,11 +108,37 @@ class Runner:
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:
-        """Logits (B, V): row b reads tokens[b] at positions[b] in cache slot b. `adapter` names
-        the LoRA the model applies now (the scheduler activated it)."""
-        t = torch.tensor(tokens, device=self.device)[:, None]
-        p = torch.tensor(positions, device=self.device)[:, None]
-        return self.model(t, p, attn_len=max(positions) + 1)[:, -1]
+        """Logits (width, V): row b reads tokens[b] at positions[b] in cache slot b; rows past
+        len(tokens) up to the runner's width (rows_for) are free slots fed token 0 at position 0.
+        `adapter` names the LoRA the model applies now (the scheduler activated it)."""
+        self.width, self.max_position = self.rows_for(len(tokens)), max(positions)
+        pad = [0] * (self.width - len(tokens))
+        self.token[: self.width, 0].copy_(torch.tensor(tokens + pad))
+        self.position[: self.width, 0].copy_(torch.tensor(positions + pad))
+        return self.run(adapter)
+
+    @torch.inference_mode()
+    def decode_following(
+        self, tokens: torch.Tensor, slots: torch.Tensor, adapter: str | None = None
+    ) -> torch.Tensor:
+        """The step after the last decode over the same rows, with nothing from the host: row
+        slots[i] reads tokens[i] (device tensors) one position past where it read last; free
+        slots (token 0 at position 0) read that again. So a step can be queued behind the one
+        before it while the host has yet to read that one's tokens. The caller guarantees that
+        every row at a position > 0 steps (the last decode fed one adapter's rows only)."""
+        self.token[:, 0].index_copy_(0, slots, tokens)
+        self.position[: self.width] += self.position[: self.width] > 0
+        self.max_position += 1
+        return self.run(adapter)
+
+    def rows_for(self, n: int) -> int:
+        """Rows a decode step of n sequences runs (graphs: the captured batch size)."""
+        return n
+
+    def run(self, adapter: str | None) -> torch.Tensor:
+        """The decode step for what the buffers hold: logits (width, V)."""
+        token, position = self.token[: self.width], self.position[: self.width]
+        return self.model(token, position, attn_len=self.max_position + 1)[:, -1]
 
 
 def batch_buckets(slots: int) -> list[int]:
@@ -125,8 +155,6 @@ class GraphRunner(Runner):
         super().__init__(model)
         self.buckets = attention_buckets(model.max_seq_len)
         self.batch_sizes = batch_buckets(model.slots)
-        self.token = torch.zeros(model.slots, 1, dtype=torch.long, device=self.device)
-        self.position = torch.zeros(model.slots, 1, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # (adapter object's id, prompts, width, gathered slots) -> (graph, inputs, logits, adapter)
         self.prefill_graphs: dict[tuple, tuple] = {}
@@ -185,16 +213,16 @@ class GraphRunner(Runner):
         token, position = self.token[:batch], self.position[:batch]
         return self.record(lambda: self.model(token, position, attn_len=attn_len)[:, -1])
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], adapter: str | None = None) -> torch.Tensor:
-        """Logits (B', V), B' >= len(tokens) the captured batch size; rows past len(tokens) are
-        free slots fed token 0 at position 0. A graph bakes in the LoRA tensors of `adapter`
-        (adapters are never replaced under a name, so the name identifies them)."""
-        attn_len = next(b for b in self.buckets if b > max(positions))
-        batch = next(b for b in self.batch_sizes if b >= len(tokens))
-        pad = [0] * (batch - len(tokens))
-        self.token[:batch, 0].copy_(torch.tensor(tokens + pad))
-        self.position[:batch, 0].copy_(torch.tensor(positions + pad))
+    def rows_for(self, n: int) -> int:
+        """The captured batch size for n sequences; rows past n are free slots fed token 0 at
+        position 0."""
+        return next(b for b in self.batch_sizes if b >= n)
+
+    def run(self, adapter: str | None) -> torch.Tensor:
+        """Replay the graph of (adapter, batch, attention bucket): logits (batch, V). A graph bakes
+        in the LoRA tensors of `adapter` (adapters are never replaced under a name, so the name
+        identifies them)."""
+        batch, attn_len = self.width, next(b for b in self.buckets if b > self.max_position)
         key = (adapter, batch, attn_len)
         if key not in self.graphs:
             log.info("Capturing the decode step for batch %d, attention length %d", batch, attn_len)

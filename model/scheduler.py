@@ -6,6 +6,13 @@ prefill passes), then runs one decode step for the active rows together and hand
 token. Rows join and leave at any step; each keeps its own settings,
 stops on its own (EOS, length, cancel) and carries its own timing.
 
+Tokens are chosen on the device (greedy or sampled, the repetition penalty's record of seen
+tokens kept there too), and while the same rows go on with nobody waiting to join, the next step
+is queued behind the current one, fed from the current one's tokens on the device, before the
+host reads them: the host's work for a token (reading it, handing it out) then overlaps the
+device's next step instead of leaving the GPU idle (~0.4 ms a token at batch 1 on an H100). A
+row that ends meanwhile (EOS, cancel) drops its one extra token.
+
 A decode step covers rows 0..B-1, B one past the highest busy slot (the runner rounds B up to a
 captured batch size). A free slot inside that range is fed token 0 at position 0: its own cache
 row only, which the next request put there overwrites during its prefill. Rows of another
@@ -63,6 +70,23 @@ class Row:
     generator: torch.Generator
 
 
+@dataclass
+class Flight:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+
+    rows: list[Row]  # the rows it steps, in the order of its tokens
+    slots: torch.Tensor  # (n,) their cache slots, on the device
+    adapter: str | None
+    tokens: torch.Tensor  # (n,) each row's next token, on the device
+    host: torch.Tensor  # the same in host memory once `ready` has passed
+    ready: torch.cuda.Event | None  # None on a CPU: nothing to wait for
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # this step only: a step queued behind it keeps running
+        return self.host.tolist()
+
+
 def prefill_groups(taken: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
     """Requests that can share prefill passes, in arrival order: runs of consecutive arrivals
     with one adapter, each with no more padded tokens (rows x longest prompt) than one lone
@@ -95,6 +119,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.rows: dict[int, Row] = {}
         self.turn = 0  # which adapter group steps next
+        self.flight: Flight | None = None  # a step queued and not read yet
+        self.true = torch.ones((), dtype=torch.bool, device=self.device)
         self.adapter: str | None = None  # the one the model applies now
         activate_adapter(None)
         self.wake = threading.Condition()
@@ -134,6 +160,7 @@ class Scheduler:
                 self.fail_all(f"Generation failed ({err.__class__.__name__}); please try again.")
 
     def fail_all(self, message: str) -> None:
+        self.flight = None
         now = time.perf_counter()
         for row in self.rows.values():
             row.request.out.put((None, "error:" + message, now))
@@ -194,7 +221,9 @@ class Scheduler:
             logits = self.runner.prefill(request.ids, slot)[0]
         row = Row(request, slot, len(request.ids), 0, 0, generator)
         self.rows[slot] = row
-        self.emit(row, int(self.pick(row, logits)))
+        token_id = int(self.pick(row, logits))
+        self.seen[slot, token_id] = True
+        self.emit(row, token_id)
 
     def use_adapter(self, adapter: str | None) -> None:
         if adapter != self.adapter:
@@ -214,8 +243,6 @@ class Scheduler:
         if token_id in self.stop_ids and not request.ignore_eos:
             return self.finish(row.slot, "eos")
         request.out.put((token_id, time.perf_counter()))
-        if request.repetition_penalty != 1.0:
-            self.seen[row.slot, token_id] = True
         row.token, row.generated = token_id, row.generated + 1
         if row.generated >= request.max_new_tokens:
             self.finish(row.slot, "length")
@@ -225,7 +252,27 @@ class Scheduler:
         for slot in [s for s, row in self.rows.items() if row.request.cancel.cancelled]:
             self.finish(slot, "cancelled")
         if not self.rows:
+            self.flight = None
             return
+        flight = self.flight or self.launch()
+        self.flight = self.follow(flight) if self.goes_on(flight) else None
+        for row, token_id in zip(flight.rows, flight.read()):
+            if self.rows.get(row.slot) is row:  # a row that ended meanwhile drops its token
+                row.position += 1
+                self.emit(row, token_id)
+
+    def goes_on(self, flight: Flight) -> bool:
+        """Whether the step after `flight` is surely wanted as it would be fed: its rows are all
+        the rows, none ends by length at this token, and nobody waits to join."""
+        return (
+            not self.waiting
+            and len(flight.rows) == len(self.rows)
+            and all(self.rows.get(row.slot) is row for row in flight.rows)
+            and all(row.generated + 1 < row.request.max_new_tokens for row in flight.rows)
+        )
+
+    def launch(self) -> Flight:
+        """Queue a decode step for one adapter's rows (adapters take turns) from the host's view."""
         groups = sorted({row.request.adapter or "" for row in self.rows.values()})
         adapter = groups[self.turn % len(groups)] or None
         self.turn += 1
@@ -235,14 +282,28 @@ class Scheduler:
         for slot, row in self.rows.items():
             tokens[slot], positions[slot] = row.token, row.position
         logits = self.runner.decode(tokens, positions, adapter)
-        stepped = [row for row in self.rows.values() if row.request.adapter == adapter]
-        # Greedy rows without a penalty take one argmax together; the others sample one by one.
-        plain = [
-            row for row in stepped if row.request.temperature == 0 and row.request.repetition_penalty == 1
-        ]
-        other = [row for row in stepped if row not in plain]
-        picks = [logits[[row.slot for row in plain]].argmax(dim=-1)] if plain else []
-        picks += [self.pick(row, logits[row.slot]) for row in other]
-        for row, token_id in zip(plain + other, torch.cat(picks).tolist()):
-            row.position += 1
-            self.emit(row, token_id)
+        rows = [row for row in self.rows.values() if row.request.adapter == adapter]
+        slots = torch.tensor([row.slot for row in rows], device=self.device)
+        return self.choose(rows, slots, adapter, logits)
+
+    def follow(self, flight: Flight) -> Flight:
+        """Queue the step after `flight`, fed from its tokens on the device."""
+        logits = self.runner.decode_following(flight.tokens, flight.slots, flight.adapter)
+        return self.choose(flight.rows, flight.slots, flight.adapter, logits)
+
+    def choose(self, rows: list[Row], slots: torch.Tensor, adapter, logits: torch.Tensor) -> Flight:
+        """Each row's next token from the step's logits, on the device, with no host sync: greedy
+        rows without a penalty take one argmax together, the others sample one by one. The
+        tokens join the seen record (read only by rows with a penalty, reset at their start)."""
+        if all(row.request.temperature == 0 and row.request.repetition_penalty == 1 for row in rows):
+            tokens = logits.index_select(0, slots).argmax(dim=-1)
+        else:
+            tokens = torch.cat([self.pick(row, logits[row.slot]) for row in rows])
+        self.seen.index_put_((slots, tokens), self.true)
+        if tokens.device.type != "cuda":
+            return Flight(rows, slots, adapter, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Flight(rows, slots, adapter, tokens, host, ready)

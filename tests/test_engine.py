@@ -344,8 +344,9 @@ def test_cuda_prefill_widths_are_padded_to_few_graph_shapes():
     from model.runner import PREFILL_GRAPH_TOKENS, PREFILL_WIDTH_STEP, Runner
 
     def width(n: int, w: int, device: str = "cuda", max_seq_len: int = 4096) -> int:
-        model = SimpleNamespace(device=torch.device(device), max_seq_len=max_seq_len)
-        return Runner(model).prefill_width(n, w)
+        runner = Runner(SimpleNamespace(device=torch.device("cpu"), max_seq_len=max_seq_len, slots=1))
+        runner.device = torch.device(device)
+        return runner.prefill_width(n, w)
 
     step, most = PREFILL_WIDTH_STEP, PREFILL_GRAPH_TOKENS
     assert width(1, 60) == width(1, step) == step and width(1, step + 1) == 2 * step
@@ -354,6 +355,20 @@ def test_cuda_prefill_widths_are_padded_to_few_graph_shapes():
     assert width(1, most + 1) == most + 1
     assert width(1, 60, max_seq_len=62) == 60
     assert width(1, 60, device="cpu") == 60
+
+
+def test_decode_steps_are_queued_behind_each_other(engine, monkeypatch):
+    """While the same rows go on, each decode step after the first is fed from the one before on
+    the device (model/scheduler.py), and none is run past the last token a length limit allows."""
+    calls = []
+    for name in ("decode", "decode_following"):
+        method = getattr(engine.runner, name)
+        monkeypatch.setattr(engine.runner, name, lambda *a, m=method, n=name: calls.append(n) or m(*a))
+    settings = GenerationSettings(temperature=0, max_new_tokens=8, ignore_eos=True)
+    ids = prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS)
+    tokens = run(engine.generate_ids(ids, settings))[2]
+    assert len(tokens) == 8  # the first from the prefill, then 7 steps
+    assert calls == ["decode"] + ["decode_following"] * 6
 
 
 def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, monkeypatch):

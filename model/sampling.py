@@ -71,5 +71,14 @@ def sample(
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores, index = candidates(logits / temperature, top_k, top_p)
-    choice = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
+    choice = draw(scores.softmax(dim=-1), generator)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token a row, (B, 1): torch.multinomial(probs, 1)'s own draw (the exponential race,
+    the same generator use, the same token), without its validity checks, which read the
+    probabilities on the host: on a GPU a sync that would stop the next decode step from being
+    queued behind this one (model/scheduler.py). Softmax output needs no check."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1, keepdim=True)

@@ -35,7 +35,7 @@ from model.engine import GenerationSettings
 from model.loader import LoadedModel, build, load_model
 from model.ops import REFERENCE_OPS
 from model.quant import NF4Linear, quantize_nf4
-from model.sampling import apply_repetition_penalty, candidates, filter_top_k_top_p, sample
+from model.sampling import apply_repetition_penalty, candidates, draw, filter_top_k_top_p, sample
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -276,6 +276,16 @@ def test_off_the_cpu_top_k_filters_the_whole_vocabulary():
     logits = torch.empty(2, 1000, device="meta")
     scores, index = candidates(logits, 50, 0.95)
     assert index is None and scores.shape == logits.shape
+
+
+def test_draw_is_torch_multinomial_without_its_host_checks():
+    """Sampling draws as torch.multinomial(probs, 1) does (same token, same generator use, so seeds
+    give the tokens they gave), without the checks that read the probabilities on the host."""
+    for seed in range(50):
+        probs = (3 * torch.randn(2, 3000, generator=torch.Generator().manual_seed(seed))).softmax(-1)
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(draw(probs, ours), torch.multinomial(probs, 1, generator=theirs))
+        assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
 
 
 def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(tiny_folder, monkeypatch):

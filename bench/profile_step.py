@@ -57,7 +57,7 @@ def main() -> None:
     launches = sum(len(v) for v in kernels.values())
 
     # The graph replay alone, device time.
-    graph, _ = runner.graphs[(adapter, runner.rows_for(rows), runner.buckets[0])]  # the one generate ran
+    graph, _ = runner.graphs[(adapter, runner.rows_for(rows), runner.buckets[0])]  # rows' graph, adapter on
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(10):
         graph.replay()

@@ -271,18 +271,19 @@ class Engine:
         try:
             for adapter in adapters:
                 engine.load_adapter(adapter)
-        except EngineError:
+            engine._warm_up()
+        except BaseException:
             engine.close()
             raise
-        engine.warm_up()
         return engine
 
-    def warm_up(self) -> None:
+    def _warm_up(self) -> None:
         """With CUDA graphs: tune the kernels and capture the decode step of every batch size now,
         for the base model and each adapter, so that no request waits for it (a batch size first
         met mid-generation stalled every stream for as long; the first start on a machine tunes
         for a minute or more). A longer attention length is still captured at first use, without
-        tuning. Runs before the engine serves anything: the worker is idle."""
+        tuning. The prefill of one prompt is captured at each graph width too. Runs before the engine
+        serves anything, from the loading thread: the worker is idle."""
         if not isinstance(self.runner, GraphRunner):
             return
         log.info("Tuning kernels, capturing the decode step for batch sizes %s", self.runner.batch_sizes)
@@ -290,6 +291,8 @@ class Engine:
             self.scheduler.use_adapter(adapter)
             for batch in self.runner.batch_sizes:
                 self.runner.decode([0] * batch, [0] * batch, adapter)
+            for width in self.runner.prefill_widths():
+                self.runner.prefill([0] * width)
         self.scheduler.use_adapter(None)
 
     def _stop_ids(self) -> frozenset[int]:

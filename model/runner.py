@@ -1,4 +1,4 @@
-"""Prefill and one-token decode over the model's static KV cache (slot 0).
+"""Prefill and one-token decode over the model's static KV cache (one slot a sequence).
 
 `Runner` runs both eagerly (CPU, or CUDA with graphs off). `GraphRunner` replays the whole
 one-token decode step (all layers, the LoRA, the lm_head) from a CUDA graph: at batch 1 an
@@ -45,7 +45,7 @@ def attention_buckets(max_seq_len: int) -> list[int]:
 
 
 class Runner:
-    """Prefill and decode on KV-cache slot 0 of the model, eagerly."""
+    """Prefill and decode over the model's KV-cache slots, eagerly."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -94,7 +94,14 @@ class Runner:
         small = n * padded <= PREFILL_GRAPH_TOKENS and padded <= self.model.max_seq_len
         return padded if self.device.type == "cuda" and small else width
 
-    def prefill_inputs(self, prompts: list[tuple[list[int], int]]):
+    def prefill_widths(self) -> list[int]:
+        """Every width a one-prompt prefill is padded to (GraphRunner: one graph each)."""
+        most = min(PREFILL_GRAPH_TOKENS, self.model.max_seq_len)
+        return list(range(PREFILL_WIDTH_STEP, most + 1, PREFILL_WIDTH_STEP))
+
+    def prefill_inputs(
+        self, prompts: list[tuple[list[int], int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(tokens (n, W) on the device, slots (n,) on the device or None for rows 0..n-1, each
         prompt's last index (n,) on the host): prompts padded at the end to the run's width."""
         width = self.prefill_width(len(prompts), max(len(ids) for ids, _ in prompts))
@@ -170,7 +177,9 @@ class GraphRunner(Runner):
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: another thread's CUDA work meanwhile (an adapter loaded from the UI) is
+        # neither captured nor refused
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = step()
         return graph, out
 
@@ -179,10 +188,11 @@ class GraphRunner(Runner):
         """Runner.prefill_many, replayed from a graph when the padded prompts are short. A graph
         bakes in the LoRA tensors active when it was captured: it is keyed by that adapter
         object (model.active_adapter, kept alive with the graph)."""
-        tokens, slots, last = self.prefill_inputs(prompts)
-        n, width = tokens.shape
+        n = len(prompts)
+        width = self.prefill_width(n, max(len(ids) for ids, _ in prompts))
         if n * width > PREFILL_GRAPH_TOKENS or width % PREFILL_WIDTH_STEP:
             return super().prefill_many(prompts)
+        tokens, slots, last = self.prefill_inputs(prompts)
         adapter = self.model.active_adapter
         key = (id(adapter), n, width, slots is not None)
         if key not in self.prefill_graphs:

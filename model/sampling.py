@@ -79,6 +79,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     """One token a row, (B, 1): torch.multinomial(probs, 1)'s own draw (the exponential race,
     the same generator use, the same token), without its validity checks, which read the
     probabilities on the host: on a GPU a sync that would stop the next decode step from being
-    queued behind this one (model/scheduler.py). Softmax output needs no check."""
+    queued behind this one (model/scheduler.py). Softmax output needs no check; logits that
+    are NaN (a broken model) give some token instead of an error, as greedy always did."""
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1, keepdim=True)

@@ -7,11 +7,11 @@ token. Rows join and leave at any step; each keeps its own settings,
 stops on its own (EOS, length, cancel) and carries its own timing.
 
 Tokens are chosen on the device (greedy or sampled, the repetition penalty's record of seen
-tokens kept there too), and while the same rows go on with nobody waiting to join, the next step
-is queued behind the current one, fed from the current one's tokens on the device, before the
-host reads them: the host's work for a token (reading it, handing it out) then overlaps the
-device's next step instead of leaving the GPU idle (~0.4 ms a token at batch 1 on an H100). A
-row that ends meanwhile (EOS, cancel) drops its one extra token.
+tokens kept there too), and on a GPU, while the same rows go on with nobody waiting who could
+join, the next step is queued behind the current one, fed from the current one's tokens on the
+device, before the host reads them: the host's work for a token (reading it, handing it out)
+then overlaps the device's next step instead of leaving the GPU idle (~0.4 ms a token at batch
+1 on an H100). A row that ends meanwhile (EOS, cancel) drops its one extra token.
 
 A decode step covers rows 0..B-1, B one past the highest busy slot (the runner rounds B up to a
 captured batch size). A free slot inside that range is fed token 0 at position 0: its own cache
@@ -120,6 +120,9 @@ class Scheduler:
         self.rows: dict[int, Row] = {}
         self.turn = 0  # which adapter group steps next
         self.flight: Flight | None = None  # a step queued and not read yet
+        # Queue the next step before reading this one's tokens only where that overlaps work: on
+        # a CPU the next step would run to its end first and delay every token by a step.
+        self.overlap = self.device.type == "cuda"
         self.true = torch.ones((), dtype=torch.bool, device=self.device)
         self.adapter: str | None = None  # the one the model applies now
         activate_adapter(None)
@@ -255,17 +258,19 @@ class Scheduler:
             self.flight = None
             return
         flight = self.flight or self.launch()
-        self.flight = self.follow(flight) if self.goes_on(flight) else None
+        self.flight = self.follow(flight) if self.overlap and self.goes_on(flight) else None
         for row, token_id in zip(flight.rows, flight.read()):
             if self.rows.get(row.slot) is row:  # a row that ended meanwhile drops its token
                 row.position += 1
                 self.emit(row, token_id)
+        if not self.rows:
+            self.flight = None  # every row ended: the queued step's tokens are nobody's
 
     def goes_on(self, flight: Flight) -> bool:
         """Whether the step after `flight` is surely wanted as it would be fed: its rows are all
-        the rows, none ends by length at this token, and nobody waits to join."""
+        the rows, none ends by length at this token, and nobody waits who could join."""
         return (
-            not self.waiting
+            not (self.waiting and len(self.rows) < self.slots)
             and len(flight.rows) == len(self.rows)
             and all(self.rows.get(row.slot) is row for row in flight.rows)
             and all(row.generated + 1 < row.request.max_new_tokens for row in flight.rows)
@@ -281,17 +286,22 @@ class Scheduler:
         tokens, positions = [0] * width, [0] * width
         for slot, row in self.rows.items():
             tokens[slot], positions[slot] = row.token, row.position
-        logits = self.runner.decode(tokens, positions, adapter)
         rows = [row for row in self.rows.values() if row.request.adapter == adapter]
+        # a copy from the host waits for the stream: made before the step is queued, not after
         slots = torch.tensor([row.slot for row in rows], device=self.device)
+        logits = self.runner.decode(tokens, positions, adapter)
         return self.choose(rows, slots, adapter, logits)
 
     def follow(self, flight: Flight) -> Flight:
-        """Queue the step after `flight`, fed from its tokens on the device."""
+        """Queue the step after `flight`, fed from its tokens on the device, under its adapter
+        (an admission in between may have activated another one)."""
+        self.use_adapter(flight.adapter)
         logits = self.runner.decode_following(flight.tokens, flight.slots, flight.adapter)
         return self.choose(flight.rows, flight.slots, flight.adapter, logits)
 
-    def choose(self, rows: list[Row], slots: torch.Tensor, adapter, logits: torch.Tensor) -> Flight:
+    def choose(
+        self, rows: list[Row], slots: torch.Tensor, adapter: str | None, logits: torch.Tensor
+    ) -> Flight:
         """Each row's next token from the step's logits, on the device, with no host sync: greedy
         rows without a penalty take one argmax together, the others sample one by one. The
         tokens join the seen record (read only by rows with a penalty, reset at their start)."""

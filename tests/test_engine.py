@@ -358,16 +358,21 @@ def test_cuda_prefill_widths_are_padded_to_few_graph_shapes():
 
 
 def test_decode_steps_are_queued_behind_each_other(engine, monkeypatch):
-    """While the same rows go on, each decode step after the first is fed from the one before on
-    the device (model/scheduler.py), and none is run past the last token a length limit allows."""
+    """On a GPU, while the same rows go on, each decode step after the first is fed from the one
+    before on the device (model/scheduler.py), none past the last token a length limit allows,
+    with the same tokens; on a CPU, where it would only delay tokens, every step is fed anew."""
     calls = []
     for name in ("decode", "decode_following"):
         method = getattr(engine.runner, name)
         monkeypatch.setattr(engine.runner, name, lambda *a, m=method, n=name: calls.append(n) or m(*a))
     settings = GenerationSettings(temperature=0, max_new_tokens=8, ignore_eos=True)
     ids = prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS)
-    tokens = run(engine.generate_ids(ids, settings))[2]
-    assert len(tokens) == 8  # the first from the prefill, then 7 steps
+    assert not engine.scheduler.overlap
+    alone = run(engine.generate_ids(ids, settings))[2]
+    assert len(alone) == 8 and calls == ["decode"] * 7  # the first token from the prefill
+    calls.clear()
+    monkeypatch.setattr(engine.scheduler, "overlap", True)
+    assert run(engine.generate_ids(ids, settings))[2] == alone
     assert calls == ["decode"] + ["decode_following"] * 6
 
 

@@ -158,20 +158,24 @@ def test_prefill_graphs_equal_eager_prefill(checkpoint):
 
     folder, adapter = checkpoint
     engine = load(folder, adapter, graphs=True)
-    name = engine.adapters()[0]
-    captured = {(a, batch) for a, batch, _ in engine.runner.graphs}
-    assert captured == {(a, batch) for a in (None, name) for batch in (1, 2, 4)}  # Engine.warm_up
+    name, runner = engine.adapters()[0], engine.runner
+    captured = {(a, batch) for a, batch, _ in runner.graphs}
+    assert captured == {(a, batch) for a in (None, name) for batch in (1, 2, 4)}  # Engine._warm_up
+    one_prompt = {(n, width) for _, n, width, gathered in runner.prefill_graphs if not gathered}
+    assert one_prompt == {(1, width) for width in runner.prefill_widths()}
+    at_load = len(runner.prefill_graphs)
     eager, weights = Runner(engine.model), engine.adapter_weights[name]
-    cases = [  # rows 0..n-1 (cache views), then gathered slots with unequal prompts
+    cases = [  # each graph replayed with other ids, lengths and slots than it was captured with
         [(list(range(100, 160)), 0)],
+        [(list(range(300, 340)), 0)],
         [(list(range(200, 230)), 1), (list(range(300, 350)), 3)],
+        [(list(range(400, 460)), 2), (list(range(5, 9)), 1)],
     ]
     for active in (weights, None, weights):  # a graph is keyed by the adapter it baked in
         lora.activate(engine.model, active)
         for prompts in cases:
-            first, again = engine.runner.prefill_many(prompts), engine.runner.prefill_many(prompts)
+            graphed = runner.prefill_many(prompts)
             expected = eager.prefill_many(prompts)
-            for graphed in (first, again):
-                assert torch.equal(graphed, expected), (graphed - expected).abs().max().item()
-    assert len(engine.runner.prefill_graphs) == 4
+            assert torch.equal(graphed, expected), (graphed - expected).abs().max().item()
+    assert len(runner.prefill_graphs) == at_load + 2  # two adapters x (2 prompts, 64, gathered)
     engine.close()

@@ -195,3 +195,31 @@ def test_engine_chooses_adapter_per_request(base, hf, adapter_dirs, wrong_adapte
         full = engine.tokenizer.decode(expected, skip_special_tokens=True)
         assert texts[adapter] == full.rstrip("\ufffd"), adapter
     assert len(set(texts.values())) == 3
+
+
+def test_a_step_queued_behind_an_admission_keeps_its_adapter(base, hf, adapter_dirs, monkeypatch):
+    """A decode step queued behind another (model/scheduler.py, forced on here: it is the GPU's
+    path) runs under its rows' adapter even when an admission in between activated another one
+    (here a request for adapter "a" whose prefill fails)."""
+    engine = Engine.load(str(base), quantize="none", device="cpu", dtype="float32", max_seq_len=128)
+    engine.load_adapter(str(adapter_dirs["all-linear"]), name="a")
+    monkeypatch.setattr(engine.scheduler, "overlap", True)
+    prefill, follow = engine.runner.prefill, engine.runner.decode_following
+    monkeypatch.setattr(
+        engine.runner, "prefill", lambda ids, slot=0: 1 / 0 if ids[0] == 7 else prefill(ids, slot)
+    )
+    late = []
+
+    def following(*args):
+        if not late:  # while the base request decodes, one for "a" arrives and fails its prefill
+            late.append(engine.generate_ids([7, 8, 9], GenerationSettings(max_new_tokens=2), adapter="a"))
+        return follow(*args)
+
+    monkeypatch.setattr(engine.runner, "decode_following", following)
+    ids = list(range(3, 20))
+    settings = GenerationSettings(temperature=0, max_new_tokens=16, ignore_eos=True)
+    tokens = [t for event in engine.generate_ids(ids, settings) for t in event.token_ids]
+    assert tokens == hf_greedy(hf, ids, 16)
+    with pytest.raises(EngineError):
+        list(late[0])
+    engine.close()

@@ -1,6 +1,6 @@
 """Every GEMV candidate the tuner weighs, per Llama-3-8B shape and rows of x: error and time.
 
-    python -m bench.gemv_probe [--rows 1 2 4 8]
+    python -m bench.gemv_probe [--rows 1 2 4 8] [--shapes 57344x4096 ...]
 
 For each shape (bench.kernels.SHAPES and the stacked gate+up with SwiGLU), rows of x and LoRA
 r=16 off/on (on for 1 and 8 rows), forces each config of kernels.nf4_tune.CONFIGS in turn:
@@ -74,14 +74,20 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="rows of x")
+    parser.add_argument(
+        "--shapes", nargs="+", default=[], help="NxK weights instead of Llama-3-8B's (4x gate/up: 57344x4096)"
+    )
     args = parser.parse_args()
     import bitsandbytes as bnb
 
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, copy {bw / 1e9:.0f} GB/s")
     cases = [(key, shape, False) for key, shape in SHAPES.items()]
+    cases.append(("gate+up swiglu", (2 * 14336, 4096), True))
+    if args.shapes:
+        cases = [(s, tuple(int(d) for d in s.split("x")), False) for s in args.shapes]
     rows = []
-    for name, (n, k), swiglu in cases + [("gate+up swiglu", (2 * 14336, 4096), True)]:
+    for name, (n, k), swiglu in cases:
         rows += probe(bnb, bw, name, n, k, swiglu, args.rows)
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "configs": rows}))
 

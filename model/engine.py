@@ -282,8 +282,8 @@ class Engine:
         for the base model and each adapter, so that no request waits for it (a batch size first
         met mid-generation stalled every stream for as long; the first start on a machine tunes
         for a minute or more). A longer attention length is still captured at first use, without
-        tuning. The prefill of one prompt is captured at each graph width too. Runs before the engine
-        serves anything, from the loading thread: the worker is idle."""
+        tuning, and so is a prefill shape (model/runner.py). Runs before the engine serves anything,
+        from the loading thread: the worker is idle."""
         if not isinstance(self.runner, GraphRunner):
             return
         log.info("Tuning kernels, capturing the decode step for batch sizes %s", self.runner.batch_sizes)
@@ -291,8 +291,6 @@ class Engine:
             self.scheduler.use_adapter(adapter)
             for batch in self.runner.batch_sizes:
                 self.runner.decode([0] * batch, [0] * batch, adapter)
-            for width in self.runner.prefill_widths():
-                self.runner.prefill([0] * width)
         self.scheduler.use_adapter(None)
 
     def _stop_ids(self) -> frozenset[int]:

@@ -94,11 +94,6 @@ class Runner:
         small = n * padded <= PREFILL_GRAPH_TOKENS and padded <= self.model.max_seq_len
         return padded if self.device.type == "cuda" and small else width
 
-    def prefill_widths(self) -> list[int]:
-        """Every width a one-prompt prefill is padded to (GraphRunner: one graph each)."""
-        most = min(PREFILL_GRAPH_TOKENS, self.model.max_seq_len)
-        return list(range(PREFILL_WIDTH_STEP, most + 1, PREFILL_WIDTH_STEP))
-
     def prefill_inputs(
         self, prompts: list[tuple[list[int], int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -166,16 +161,18 @@ class GraphRunner(Runner):
         # (adapter object's id, prompts, width, gathered slots) -> (graph, inputs, logits, adapter)
         self.prefill_graphs: dict[tuple, tuple] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        # One side stream for every capture's warm-up runs: cuBLAS keeps a workspace (32 MB on
+        # Hopper) for each stream it has run on, so a new stream a capture would add one each.
+        self.side = torch.cuda.Stream()
 
     def record(self, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Run `step` for real on a side stream (Triton compiles and tunes outside the capture),
         then capture it; returns the graph and its output."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             for _ in range(2):
                 step()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA work meanwhile (an adapter loaded from the UI) is
         # neither captured nor refused

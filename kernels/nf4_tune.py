@@ -3,13 +3,23 @@
 Each shape (device, N, K, rows of x rounded up, dtype, SwiGLU, LoRA) is timed once, outside
 CUDA-graph capture, over the candidates that fit its K; the fastest is kept for the process.
 Under the interpreter, during capture, or with NF4_GEMV_TUNE=0, a fixed default is used.
+
+The picks also go to a small JSON file (NF4_TUNE_CACHE, by default
+~/.cache/llama-nf4-chat/nf4_tune.json; empty: none), under a fingerprint of the GPU model, the
+Triton and PyTorch versions and the source of every kernel here: a later start on the same
+machine times nothing and compiles only the configs it uses (an 8B model's first start tunes for
+a minute or more, mostly compiling every candidate). A file that cannot be read or written is
+ignored.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -56,6 +66,57 @@ def grid(cfg: tuple[int, int, int, int, int], n_out: int, device: torch.device) 
     return tiles if cfg[4] == 0 else min(tiles, cfg[4] * sm_count(device))
 
 
+def cache_path() -> Path | None:
+    value = os.environ.get("NF4_TUNE_CACHE")
+    if value == "":
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "llama-nf4-chat" / "nf4_tune.json"
+
+
+@functools.cache
+def fingerprint(device: torch.device) -> str:
+    """What a pick depends on besides its shape: the GPU model, the versions, the kernels."""
+    digest = hashlib.sha256()
+    gpu = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    digest.update(repr((gpu, triton.__version__, torch.__version__)).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def stored_key(key: tuple) -> str | None:
+    """The file's name for a tuner key, or None for a key that is not a CUDA device's."""
+    device, n_out, k, mp, dtype, swiglu, lora = key
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        return None
+    shape = f"{n_out}x{k} rows {mp} {str(dtype).removeprefix('torch.')} swiglu {int(swiglu)} lora {int(lora)}"
+    return f"{fingerprint(device)} {shape}"
+
+
+def read_picks() -> dict:
+    path = cache_path()
+    try:
+        return json.loads(path.read_text()) if path and path.is_file() else {}
+    except (OSError, ValueError):
+        log.warning("NF4 GEMV picks in %s not readable; tuning anew", path, exc_info=True)
+        return {}
+
+
+def store_pick(name: str, cfg: tuple) -> None:
+    """Add one pick to the file (read, merge, write a temporary file, rename over)."""
+    path = cache_path()
+    if path is None:
+        return
+    try:
+        picks = read_picks() | {name: list(cfg)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(picks, indent=0, sort_keys=True))
+        temporary.replace(path)
+    except OSError:
+        log.warning("NF4 GEMV picks not saved to %s", path, exc_info=True)
+
+
 def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list) -> tuple:
     """Best config for this shape: timed once per shape outside graph capture, else a default.
 
@@ -73,6 +134,15 @@ def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: li
     default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
     if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
         return default
+    try:
+        name = stored_key(key)
+    except Exception:  # a fingerprint that cannot be taken only costs the timing below
+        log.warning("NF4 GEMV picks: no fingerprint for %s; not stored", key[0], exc_info=True)
+        name = None
+    stored = read_picks().get(name) if name else None
+    if stored is not None and tuple(stored) in fits:  # timed before on this GPU with these kernels
+        TUNED[key] = tuple(stored)
+        return TUNED[key]
     # do_bench clears the L2 between runs, so weights that fit the 50-60 MB L2 are timed from
     # memory, as in a decode step.
     times = {}
@@ -83,4 +153,6 @@ def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: li
             log.warning("NF4 GEMV config %s does not run on this device; skipped", c, exc_info=True)
             continue
     TUNED[key] = min(times, key=times.get) if times else default
+    if name and times:
+        store_pick(name, TUNED[key])
     return TUNED[key]

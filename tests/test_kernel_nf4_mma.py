@@ -286,3 +286,44 @@ def test_tuner_skips_a_config_that_does_not_compile(monkeypatch):
     key = ("test-device", 64, 128, 8, torch.bfloat16, False, False)
     cfg = nf4_tune.pick_config(key, 64, 16, 8, launch, nf4_tune.CONFIGS[8])
     assert cfg[0] != "mma" and nf4_tune.TUNED.pop(key) == cfg
+
+
+def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path):
+    """A pick is stored under the GPU's fingerprint and read back by a later process (TUNED
+    cleared here) without timing anything; another fingerprint, or a stored config that is no
+    longer a candidate, is timed anew; an unwritable file only warns."""
+    import json
+
+    import triton
+
+    from kernels import nf4_tune
+
+    path = tmp_path / "picks.json"
+    monkeypatch.setenv("NF4_TUNE_CACHE", str(path))
+    monkeypatch.setattr(nf4_tune, "tuning_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(nf4_tune, "fingerprint", lambda device: "gpu-a")
+    candidates = nf4_tune.CONFIGS[8]
+    best, timed = candidates[-2], []  # a tensor-core config: it fits any K
+    # the fake timer: the config just launched takes 0.5 ms if it is `best`, else 1 ms
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn() or 0.5 + (timed[-1] != best) / 2)
+    key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, True)
+
+    def pick(offered=candidates) -> tuple:
+        nf4_tune.TUNED.pop(key, None)  # a new process
+        return nf4_tune.pick_config(key, 64, 16, 8, timed.append, offered)
+
+    assert pick() == best and len(timed) > 1
+    fits = len(timed)
+    assert list(json.loads(path.read_text()).values()) == [list(best)]
+    timed.clear()
+    assert pick() == best and not timed  # read back: nothing timed
+    monkeypatch.setattr(nf4_tune, "fingerprint", lambda device: "gpu-b")
+    assert pick() == best and len(timed) == fits  # another GPU: timed anew
+    assert len(json.loads(path.read_text())) == 2
+    timed.clear()
+    assert pick(candidates[:-2]) != best and timed  # the stored pick is not offered: timed anew
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("NF4_TUNE_CACHE", str(tmp_path / "a-file" / "picks.json"))
+    assert pick() == best  # not saved there, not fatal
+    nf4_tune.TUNED.pop(key, None)

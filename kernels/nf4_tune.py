@@ -96,10 +96,13 @@ def stored_key(key: tuple) -> str | None:
 def read_picks() -> dict:
     path = cache_path()
     try:
-        return json.loads(path.read_text()) if path and path.is_file() else {}
+        picks = json.loads(path.read_text()) if path and path.is_file() else {}
     except (OSError, ValueError):
-        log.warning("NF4 GEMV picks in %s not readable; tuning anew", path, exc_info=True)
+        picks = None
+    if not isinstance(picks, dict):
+        log.warning("NF4 GEMV picks in %s not readable; tuning anew", path)
         return {}
+    return picks
 
 
 def store_pick(name: str, cfg: tuple) -> None:
@@ -140,7 +143,7 @@ def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: li
         log.warning("NF4 GEMV picks: no fingerprint for %s; not stored", key[0], exc_info=True)
         name = None
     stored = read_picks().get(name) if name else None
-    if stored is not None and tuple(stored) in fits:  # timed before on this GPU with these kernels
+    if isinstance(stored, list) and tuple(stored) in fits:  # timed before: this GPU, these kernels
         TUNED[key] = tuple(stored)
         return TUNED[key]
     # do_bench clears the L2 between runs, so weights that fit the 50-60 MB L2 are timed from

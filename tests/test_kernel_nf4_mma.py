@@ -323,6 +323,8 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path):
     assert len(json.loads(path.read_text())) == 2
     timed.clear()
     assert pick(candidates[:-2]) != best and timed  # the stored pick is not offered: timed anew
+    path.write_text("[1, 2]")  # not what the tuner wrote: ignored, then replaced
+    assert pick() == best and json.loads(path.read_text())
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("NF4_TUNE_CACHE", str(tmp_path / "a-file" / "picks.json"))
     assert pick() == best  # not saved there, not fatal

@@ -95,8 +95,10 @@ def stored_key(key: tuple) -> str | None:
 
 def read_picks() -> dict:
     path = cache_path()
+    if path is None or not path.is_file():
+        return {}
     try:
-        picks = json.loads(path.read_text()) if path and path.is_file() else {}
+        picks = json.loads(path.read_text())
     except (OSError, ValueError):
         picks = None
     if not isinstance(picks, dict):

@@ -95,10 +95,12 @@ def stored_key(key: tuple) -> str | None:
 
 def read_picks() -> dict:
     path = cache_path()
-    if path is None or not path.is_file():
+    if path is None:
         return {}
     try:
         picks = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
     except (OSError, ValueError):
         picks = None
     if not isinstance(picks, dict):

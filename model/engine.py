@@ -278,19 +278,24 @@ class Engine:
         return engine
 
     def _warm_up(self) -> None:
-        """With CUDA graphs: tune the kernels and capture the decode step of every batch size now,
-        for the base model and each adapter, so that no request waits for it (a batch size first
-        met mid-generation stalled every stream for as long; the first start on a machine tunes
-        for a minute or more). A longer attention length is still captured at first use, without
-        tuning, and so is a prefill shape (model/runner.py). Runs before the engine serves anything,
-        from the loading thread: the worker is idle."""
+        """With CUDA graphs: tune the kernels and capture the decode step of every batch size and
+        attention length now, for the base model and each adapter, so that no request waits for
+        it (a batch size first met mid-generation stalled every stream while it tuned; the first
+        start on a machine tunes for a minute or more). A prefill shape is captured at its first
+        use (model/runner.py), and so is an adapter loaded later. Runs before the engine serves
+        anything, from the loading thread: the worker is idle."""
         if not isinstance(self.runner, GraphRunner):
             return
-        log.info("Tuning kernels, capturing the decode step for batch sizes %s", self.runner.batch_sizes)
+        runner = self.runner
+        log.info(
+            "Tuning kernels, capturing the decode step for batch sizes %s and attention lengths %s",
+            runner.batch_sizes, runner.buckets,
+        )  # fmt: skip
         for adapter in [None, *self.adapter_weights]:
             self.scheduler.use_adapter(adapter)
-            for batch in self.runner.batch_sizes:
-                self.runner.decode([0] * batch, [0] * batch, adapter)
+            for batch in runner.batch_sizes:
+                for bucket in runner.buckets:  # the last position a bucket covers selects it
+                    runner.decode([0] * batch, [bucket - 1] * batch, adapter)
         self.scheduler.use_adapter(None)
 
     def _stop_ids(self) -> frozenset[int]:

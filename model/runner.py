@@ -9,7 +9,8 @@ A graph fixes its tensors' shapes, and attention must read the KV cache only up 
 longest sequence, so one graph is captured per attention-length bucket (powers of two from
 256 up to max_seq_len): the cache read is at most twice what it must be, and short chats read
 little. A graph also fixes the LoRA tensors it was captured with, so each (adapter, bucket)
-pair gets its own graph; all of them share one memory pool.
+pair gets its own graph; all of them share one memory pool. The engine captures every (adapter,
+batch size, bucket) at load (model/engine.py: Engine._warm_up).
 
 A short prefill is host-bound too (~1,100 launches for an 8B model, ~35 ms against ~15 ms of
 kernels at 60 tokens), so prefills of up to PREFILL_GRAPH_TOKENS padded tokens replay a graph

@@ -159,8 +159,8 @@ def test_prefill_graphs_equal_eager_prefill(checkpoint):
     folder, adapter = checkpoint
     engine = load(folder, adapter, graphs=True)
     name, runner = engine.adapters()[0], engine.runner
-    captured = {(a, batch) for a, batch, _ in runner.graphs}
-    assert captured == {(a, batch) for a in (None, name) for batch in (1, 2, 4)}  # Engine._warm_up
+    captured = set(runner.graphs)  # Engine._warm_up: every batch size and attention length
+    assert captured == {(a, batch, n) for a in (None, name) for batch in (1, 2, 4) for n in (256, 512)}
     assert not runner.prefill_graphs  # a prefill shape is captured at its first use
     eager, weights = Runner(engine.model), engine.adapter_weights[name]
     cases = [  # each graph replayed with other ids, lengths and slots than it was captured with

@@ -37,7 +37,7 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list) -> list[dict]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for lora in (False, True) if m in (1, 8) else (False,):
             extra = (a, b, 2.0) if lora else ()
-            key = (x.device, n_out, k, triton.next_power_of_2(m), x.dtype, swiglu, lora)
+            key = (x.device, n_out, k, triton.next_power_of_2(m), x.dtype, swiglu, 16 if lora else 0)
             want = ref_op(x, sets[0][0], sets[0][1], (n, k), *extra).float()
             results = []
             for cfg in gemv._CONFIGS[key[3]]:

@@ -275,7 +275,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
             launch_pdl=use_pdl, enable_fp_fusion=True,
         )  # fmt: skip
 
-    key = (x.device, n_out, k, mp, x.dtype, swiglu, rank > 0)
+    # the LoRA rank as the kernels compile it (rounded up to a power of two; 0: none)
+    key = (x.device, n_out, k, mp, x.dtype, swiglu, triton.next_power_of_2(rank) if rank else 0)
     mma = x_kind > 0 and (interpreting() or nf4_mma.supported(x.device))  # 16-bit x, sm_80+
     candidates = [c for c in _CONFIGS[mp] if mma or c[0] != "mma"]
     launch(pick_config(key, n_out, k // 8, mp, launch, candidates))

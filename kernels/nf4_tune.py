@@ -1,6 +1,7 @@
 """The NF4 GEMV's configurations and the tuner that picks one per shape (kernels/nf4_linear.py).
 
-Each shape (device, N, K, rows of x rounded up, dtype, SwiGLU, LoRA) is timed once, outside
+Each shape (device, N, K, rows of x rounded up, dtype, SwiGLU, LoRA rank rounded up or 0) is
+timed once, outside
 CUDA-graph capture, over the candidates that fit its K; the fastest is kept for the process.
 Under the interpreter, during capture, or with NF4_GEMV_TUNE=0, a fixed default is used.
 
@@ -19,12 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
+from kernels import pdl
 from kernels.nf4_gemv_rows import CONFIGS as ROWS_CONFIGS
 from kernels.nf4_mma import CONFIGS as MMA_CONFIGS
 
@@ -68,16 +71,20 @@ def grid(cfg: tuple[int, int, int, int, int], n_out: int, device: torch.device) 
 
 def cache_path() -> Path | None:
     value = os.environ.get("NF4_TUNE_CACHE")
-    if value == "":
+    if value:
+        return Path(value)
+    try:
+        return None if value == "" else Path.home() / ".cache" / "llama-nf4-chat" / "nf4_tune.json"
+    except RuntimeError:  # no home directory (a container run as a user without one)
         return None
-    return Path(value) if value else Path.home() / ".cache" / "llama-nf4-chat" / "nf4_tune.json"
 
 
 @functools.cache
 def fingerprint(device: torch.device) -> str:
     """What a pick depends on besides its shape: the GPU model, the versions, the kernels."""
     digest = hashlib.sha256()
-    gpu = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    props = torch.cuda.get_device_properties(device)  # the SM count too: MIG slices differ
+    gpu = props.name, (props.major, props.minor), props.multi_processor_count
     digest.update(repr((gpu, triton.__version__, torch.__version__)).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
@@ -86,11 +93,14 @@ def fingerprint(device: torch.device) -> str:
 
 def stored_key(key: tuple) -> str | None:
     """The file's name for a tuner key, or None for a key that is not a CUDA device's."""
-    device, n_out, k, mp, dtype, swiglu, lora = key
+    device, n_out, k, mp, dtype, swiglu, rank = key
     if not isinstance(device, torch.device) or device.type != "cuda":
         return None
-    shape = f"{n_out}x{k} rows {mp} {str(dtype).removeprefix('torch.')} swiglu {int(swiglu)} lora {int(lora)}"
-    return f"{fingerprint(device)} {shape}"
+    shape = f"{n_out}x{k} rows {mp} {str(dtype).removeprefix('torch.')} swiglu {int(swiglu)} rank {int(rank)}"
+    return f"{fingerprint(device)} {shape} pdl {int(pdl.pdl_enabled(device))}"
+
+
+_UNREADABLE: set[Path] = set()  # files warned about once
 
 
 def read_picks() -> dict:
@@ -104,24 +114,32 @@ def read_picks() -> dict:
     except (OSError, ValueError):
         picks = None
     if not isinstance(picks, dict):
-        log.warning("NF4 GEMV picks in %s not readable; tuning anew", path)
+        if path not in _UNREADABLE:
+            _UNREADABLE.add(path)
+            log.warning("NF4 GEMV picks in %s not readable; tuning anew", path)
         return {}
     return picks
 
 
+_UNSAVED: set[Path] = set()  # files a save failed for: warned once, not tried again
+
+
 def store_pick(name: str, cfg: tuple) -> None:
-    """Add one pick to the file (read, merge, write a temporary file, rename over)."""
+    """Add one pick to the file: read, merge, write a temporary file of its own, rename it over
+    (a concurrent writer's newest picks may be lost, never the file)."""
     path = cache_path()
-    if path is None:
+    if path is None or path in _UNSAVED:
         return
     try:
         picks = read_picks() | {name: list(cfg)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(picks, indent=0, sort_keys=True))
-        temporary.replace(path)
-    except OSError:
-        log.warning("NF4 GEMV picks not saved to %s", path, exc_info=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(handle, "w") as out:
+            json.dump(picks, out, indent=0, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError as err:
+        _UNSAVED.add(path)
+        log.warning("NF4 GEMV picks not saved to %s (%s); each start will tune anew", path, err)
 
 
 def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list) -> tuple:

@@ -95,6 +95,11 @@ class Runner:
         small = n * padded <= PREFILL_GRAPH_TOKENS and padded <= self.model.max_seq_len
         return padded if self.device.type == "cuda" and small else width
 
+    def prefill_widths(self) -> list[int]:
+        """Every width a one-prompt prefill is padded to (GraphRunner: one graph each)."""
+        most = min(PREFILL_GRAPH_TOKENS, self.model.max_seq_len)
+        return list(range(PREFILL_WIDTH_STEP, most + 1, PREFILL_WIDTH_STEP))
+
     def prefill_inputs(
         self, prompts: list[tuple[list[int], int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Every test run tunes anew: no GEMV picks from an earlier run's file (kernels/nf4_tune.py).
-os.environ.setdefault("NF4_TUNE_CACHE", "")
+os.environ["NF4_TUNE_CACHE"] = ""
 
 
 # --- The app, started once per test session (test_app, test_robustness, test_browser) -----------

@@ -288,7 +288,7 @@ def test_tuner_skips_a_config_that_does_not_compile(monkeypatch):
     assert cfg[0] != "mma" and nf4_tune.TUNED.pop(key) == cfg
 
 
-def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path):
+def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path, caplog):
     """A pick is stored under the GPU's fingerprint and read back by a later process (TUNED
     cleared here) without timing anything; another fingerprint, or a stored config that is no
     longer a candidate, is timed anew; an unwritable file only warns."""
@@ -318,14 +318,20 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path):
     assert list(json.loads(path.read_text()).values()) == [list(best)]
     timed.clear()
     assert pick() == best and not timed  # read back: nothing timed
+    for other in (key[:3] + (4,) + key[4:], key[:5] + (True,) + key[6:], key[:6] + (64,)):
+        nf4_tune.TUNED.pop(other, None)  # another row count, SwiGLU, LoRA rank: timed anew
+        assert nf4_tune.pick_config(other, 64, 16, 8, timed.append, candidates) and timed
+        timed.clear()
+        nf4_tune.TUNED.pop(other)
     monkeypatch.setattr(nf4_tune, "fingerprint", lambda device: "gpu-b")
     assert pick() == best and len(timed) == fits  # another GPU: timed anew
-    assert len(json.loads(path.read_text())) == 2
+    assert len(json.loads(path.read_text())) == 5
     timed.clear()
     assert pick(candidates[:-2]) != best and timed  # the stored pick is not offered: timed anew
     path.write_text("[1, 2]")  # not what the tuner wrote: ignored, then replaced
     assert pick() == best and json.loads(path.read_text())
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("NF4_TUNE_CACHE", str(tmp_path / "a-file" / "picks.json"))
-    assert pick() == best  # not saved there, not fatal
+    assert pick() == best  # not saved there, not fatal: one warning
+    assert "not saved" in caplog.text
     nf4_tune.TUNED.pop(key, None)

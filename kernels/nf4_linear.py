@@ -39,7 +39,8 @@ import triton.language as tl
 
 from kernels import nf4_mma, pdl
 from kernels.nf4 import decode_words, nf4_dequantize
-from kernels.nf4_gemv_rows import launch_gemv_rows, lora_t, tile_rows
+from kernels.nf4_gemv_rows import launch_gemv_rows, tile_rows
+from kernels.nf4_gemv_rows import lora_t as sum_lora_t
 from kernels.nf4_lora import lora_down
 from kernels.nf4_tune import CONFIGS as _CONFIGS
 from kernels.nf4_tune import TUNED as _TUNED  # noqa: F401 (tests and bench.kernels force configs)
@@ -113,7 +114,7 @@ def _gemv_epilogue(
     pdl.release(PDL)
     if R > 0:
         j = tl.arange(0, RP)
-        t = lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty)
+        t = sum_lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty)
         bmask = rmask[:, None] & (j < R)[None, :]
         b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=bmask, other=0.0)
         y += lora_scale * tl.sum(t[:, None, :] * b.to(tl.float32)[None, :, :], 2)
@@ -216,7 +217,7 @@ def _gemv_supported(x2: torch.Tensor, packed: torch.Tensor, shape: tuple[int, in
     )
 
 
-def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
+def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lora_t=None):
     n, k = shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
@@ -225,11 +226,14 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together")
     x2 = x.reshape(-1, k)
+    if lora_t is not None and (lora_a is None or lora_t.shape[1:] != (x2.shape[0], lora_a.shape[0])):
+        raise ValueError("lora_t must be x A^T's partial sums (chunks, rows of x, rank) for lora_a")
     n_out = n // 2 if swiglu else n
     if not _gemv_supported(x2, packed, shape):
         y = F.linear(x2, nf4_dequantize(packed, absmax, shape, x.dtype))
         if lora_a is not None:
-            y = y + F.linear(F.linear(x2, lora_a), lora_b) * lora_scale
+            down = F.linear(x2, lora_a) if lora_t is None else lora_t.sum(0).to(x.dtype)
+            y = y + F.linear(down, lora_b) * lora_scale
         if swiglu:
             y = _swiglu_reference(*y.chunk(2, dim=-1))
         return y.reshape(*x.shape[:-1], n_out)
@@ -247,8 +251,11 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu):
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     code = nf4_code_table(x.device)
     use_pdl = pdl.pdl_enabled(x.device)
-    # The down-projection launches last, right before the GEMV, which reads x while it runs.
-    t = lora_down(x2, lora_a, use_pdl) if rank else scales
+    # The down-projection launches last, right before the GEMV, which reads x while it runs;
+    # or the RMSNorm before has computed it (kernels.rmsnorm.rms_norm_lora_down, PDL off only).
+    if rank and lora_t is not None and use_pdl:
+        raise ValueError("lora_t with PDL on: the GEMV would read x before the kernel writing it ends")
+    t = (lora_down(x2, lora_a, use_pdl) if lora_t is None else lora_t.contiguous()) if rank else scales
 
     def launch(cfg):
         if cfg[0] == "mma":
@@ -291,14 +298,17 @@ def nf4_linear(
     lora_a: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
+    lora_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + lora_scale * (x A^T) B^T for the NF4 weight W of `shape` (N, K).
 
     Same arguments as kernels.reference.nf4_linear: x (..., K); packed uint8 in bitsandbytes'
     layout; absmax fp32, one per 64 flattened elements; lora_a (r, K) and lora_b (N, r) in x's
-    dtype, or both None. Graph-capturable once each shape has been called outside capture.
+    dtype, or both None. lora_t: x A^T already computed, as fp32 partial sums (chunks, rows of
+    x, r) (kernels.rmsnorm.rms_norm_lora_down); None: computed here. Graph-capturable once each
+    shape has been called outside capture.
     """
-    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu=False)
+    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, False, lora_t)
 
 
 def nf4_linear_swiglu(
@@ -309,10 +319,11 @@ def nf4_linear_swiglu(
     lora_a: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
+    lora_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(g) * u where [g, u] = nf4_linear(x, ...) split in halves: W is gate stacked on up.
 
-    shape is (2I, K); lora_b (2I, r2) stacked the same way. Output (..., I). Same semantics as
-    kernels.reference.nf4_linear_swiglu.
+    shape is (2I, K); lora_b (2I, r2) stacked the same way; lora_t as for nf4_linear. Output
+    (..., I). Same semantics as kernels.reference.nf4_linear_swiglu.
     """
-    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu=True)
+    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, True, lora_t)

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.config import ModelArgs
 from model.ops import Ops
-from model.quant import make_linear
+from model.quant import LoRALinear, make_linear
 
 _PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -63,6 +63,14 @@ class RMSNorm(nn.Module):
             return self.ops.rms_norm(x, self.weight, self.eps), x
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
+    def forward_lora_down(self, x: torch.Tensor, residual: torch.Tensor | None, then: LoRALinear):
+        """forward(x, residual) and t, the LoRA x A^T of `then` (the projection reading the
+        output) where the ops compute it in the same launch (decode on CUDA); else t is None."""
+        lora_a = then.norm_lora_a()
+        if lora_a is None:
+            return (*self.forward(x, residual), None)
+        return self.ops.rms_norm_lora_down(x, residual, self.weight, self.eps, lora_a)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, ops: Ops, quantized: bool, dtype: torch.dtype):
@@ -86,9 +94,10 @@ class Attention(nn.Module):
         rows: torch.Tensor,  # (B, 1) the same rows as an index, made once per forward
         attn_len: int,  # attend to cache positions [0, attn_len)
         mask: torch.Tensor | None,  # (B, 1, T, L) for prefill; None for decode (its kernel masks)
+        lora_t: torch.Tensor | None = None,  # x A^T of wqkv's adapter, from the norm, or None
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q, k, v = self.wqkv(x, lora_t).split(self.split, dim=-1)
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -117,8 +126,9 @@ class FeedForward(nn.Module):
         self.w13 = make_linear(args.dim, 2 * args.intermediate_size, ops, quantized, dtype)
         self.w2 = make_linear(args.intermediate_size, args.dim, ops, quantized, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.w13.forward_swiglu(x))
+    def forward(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
+        """lora_t: x A^T of w13's adapter, from the norm, or None."""
+        return self.w2(self.w13.forward_swiglu(x, lora_t))
 
 
 class TransformerBlock(nn.Module):
@@ -131,10 +141,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, residual, cos, sin, positions, slots, rows, attn_len, mask):
         """Returns (the block's output, the residual stream before it is added)."""
-        h, residual = self.attention_norm(x, residual)
-        h = self.attention(h, cos, sin, positions, slots, rows, attn_len, mask)
-        h, residual = self.ffn_norm(h, residual)
-        return self.feed_forward(h), residual
+        h, residual, t = self.attention_norm.forward_lora_down(x, residual, self.attention.wqkv)
+        h = self.attention(h, cos, sin, positions, slots, rows, attn_len, mask, t)
+        h, residual, t = self.ffn_norm.forward_lora_down(h, residual, self.feed_forward.w13)
+        return self.feed_forward(h, t), residual
 
 
 class Transformer(nn.Module):

@@ -21,6 +21,7 @@ class Ops:
     embedding: Callable
     rms_norm: Callable
     add_rms_norm: Callable
+    rms_norm_lora_down: Callable  # (x, residual or None, weight, eps, lora_a) -> (y, s, t or None)
     rope: Callable
     rope_kv_cache: Callable
     decode_attention: Callable
@@ -30,11 +31,19 @@ class Ops:
     nf4_dequantize: Callable
 
 
+def _norm_only(x, residual, weight, eps, lora_a):
+    """The reference path: the norm alone (t None), the projection computes x A^T as peft does."""
+    if residual is None:
+        return reference.rms_norm(x, weight, eps), x, None
+    return (*reference.add_rms_norm(x, residual, weight, eps), None)
+
+
 REFERENCE_OPS = Ops(
     name="PyTorch reference",
     embedding=reference.embedding,
     rms_norm=reference.rms_norm,
     add_rms_norm=reference.add_rms_norm,
+    rms_norm_lora_down=_norm_only,
     rope=reference.rope,
     rope_kv_cache=reference.rope_kv_cache,
     decode_attention=reference.decode_attention,
@@ -54,6 +63,7 @@ def triton_ops() -> Ops:
         embedding=embedding.embedding,
         rms_norm=rmsnorm.rms_norm,
         add_rms_norm=rmsnorm.add_rms_norm,
+        rms_norm_lora_down=rmsnorm.rms_norm_lora_down,
         rope=rope.rope,
         rope_kv_cache=rope.rope_kv_cache,
         decode_attention=decode_attention.decode_attention,

@@ -72,6 +72,11 @@ class LoRALinear(nn.Module):
         lora = self.lora
         return () if lora is None else (lora.a, lora.b, lora.scale)
 
+    def norm_lora_a(self) -> torch.Tensor | None:
+        """The adapter's A if the RMSNorm before this layer may compute x A^T for it (handed
+        back as lora_t, Ops.rms_norm_lora_down); None: this layer computes its LoRA itself."""
+        return None
+
 
 class NF4Linear(LoRALinear):
     """y = x dequant(W)^T (+ LoRA); W held as bitsandbytes NF4 bytes and expanded absmax."""
@@ -86,12 +91,18 @@ class NF4Linear(LoRALinear):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.nf4_linear(x, self.packed, self.absmax, self.shape, *self.lora_args())
+    def norm_lora_a(self) -> torch.Tensor | None:
+        return None if self.lora is None else self.lora.a
 
-    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
+        """lora_t: x A^T from the norm before (norm_lora_a), or None."""
+        extra = {} if lora_t is None else {"lora_t": lora_t}
+        return self.ops.nf4_linear(x, self.packed, self.absmax, self.shape, *self.lora_args(), **extra)
+
+    def forward_swiglu(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
         """For a stacked gate/up weight: silu(gate) * up in one launch."""
-        return self.ops.nf4_linear_swiglu(x, self.packed, self.absmax, self.shape, *self.lora_args())
+        extra = {} if lora_t is None else {"lora_t": lora_t}
+        return self.ops.nf4_linear_swiglu(x, self.packed, self.absmax, self.shape, *self.lora_args(), **extra)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.ops.nf4_dequantize(self.packed, self.absmax, self.shape, dtype)
@@ -104,13 +115,14 @@ class DenseLinear(LoRALinear):
         super().__init__(in_features, out_features, ops)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_t: None = None) -> torch.Tensor:
+        """lora_t is always None here: norm_lora_a() is None, cuBLAS computes x A^T."""
         y = F.linear(x, self.weight)
         if self.lora is not None:
             y = y + F.linear(F.linear(x, self.lora.a), self.lora.b) * self.lora.scale
         return y
 
-    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_swiglu(self, x: torch.Tensor, lora_t: None = None) -> torch.Tensor:
         gate, up = self(x).chunk(2, dim=-1)
         return self.ops.swiglu(gate, up)
 

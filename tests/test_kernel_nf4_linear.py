@@ -114,6 +114,30 @@ def test_every_tuner_config_matches_oracle(rows, monkeypatch):
         torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
 
 
+@pytest.mark.parametrize("n, k, rows", [(33, 192, 1), (24, 3072, 2), (40, 4096, 5), (5, 123, 2)])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_linear_takes_lora_t_from_the_norm(n, k, rows, swiglu):
+    # x A^T handed in as partial sums (kernels.rmsnorm.rms_norm_lora_down) gives what the GEMV
+    # gives computing it itself: the 1-2 row kernel, the rows kernel and (K % 64 != 0) the
+    # dequantize path, which sums the partials and rounds once as the GEMV does.
+    from kernels.nf4_lora import lora_down
+
+    n = 2 * n if swiglu else n
+    packed, absmax, x, lora = _problem(n, k, rows, torch.bfloat16, 16, seed=n + k + rows)
+    op = gemv.nf4_linear_swiglu if swiglu else gemv.nf4_linear
+    t = lora_down(x.reshape(rows, k), lora[0], use_pdl=False)
+    ours = op(x, packed, absmax, (n, k), *lora, lora_scale=0.5, lora_t=t)
+    itself = op(x, packed, absmax, (n, k), *lora, lora_scale=0.5)
+    want = _oracle(x, packed, absmax, (n, k), lora, 0.5, swiglu)
+    torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2)
+    if k % 64 == 0:  # the same kernels with the same partials: the same result
+        assert torch.equal(ours, itself)
+    with pytest.raises(ValueError, match="partial sums"):
+        op(x, packed, absmax, (n, k), *lora, lora_scale=0.5, lora_t=t[:, :, :8])
+    with pytest.raises(ValueError, match="partial sums"):
+        op(x, packed, absmax, (n, k), lora_t=t)
+
+
 def test_linear_rejects_bad_arguments():
     packed, absmax, x, (a, b) = _problem(4, 64, 1, torch.float32, 2, seed=1)
     with pytest.raises(ValueError, match="features"):

@@ -165,3 +165,40 @@ def test_no_grad_path_matches_autograd_path():
     assert y1.grad_fn is not None
     torch.testing.assert_close(y0, y1, atol=0, rtol=0)
     torch.testing.assert_close(s0, s1, atol=0, rtol=0)
+
+
+# The norm fused with the next projection's LoRA down-projection (decode): y and s must be the
+# plain kernel's bit for bit (the same loads and reduction), t the partial sums of y A^T that
+# kernels/nf4_lora.py's lora_down would give (its format, its chunks).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rows, n, rank", [(1, 4096, 48), (3, 1000, 5), (8, 2 * 1024 + 64, 16), (2, 64, 1)])
+def test_rms_norm_lora_down(rows, n, rank, residual, dtype):
+    from kernels.nf4_lora import LORA_BLOCK_K, lora_down
+    from kernels.rmsnorm import LORA_CHUNK, rms_norm_forward, rms_norm_lora_down
+
+    (x, r), weight, g = _inputs((rows, n), dtype, seed=rows * n + rank, n_act=2)
+    weight = weight.to(dtype)
+    a = (torch.randn(rank, n, generator=g) / n**0.5).to(DEVICE, dtype)
+    res = r if residual else None
+    y, s, t = rms_norm_lora_down(x, res, weight, 1e-5, a)
+    want_y, want_s, _ = rms_norm_forward(x, res, weight, 1e-5)
+    assert torch.equal(y, want_y) and torch.equal(s, want_s)
+    assert s is x if not residual else s.dtype == dtype
+    assert LORA_CHUNK == LORA_BLOCK_K  # the same chunks as the unfused down-projection
+    assert t.shape == (-(-n // LORA_CHUNK), rows, rank) and t.dtype == torch.float32
+    torch.testing.assert_close(t, lora_down(y, a, use_pdl=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t.double().sum(0), y.double() @ a.double().T, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_lora_down_leaves_t_to_the_projection_where_it_does_not_apply():
+    from kernels.rmsnorm import LORA_MAX_ROWS, rms_norm_forward, rms_norm_lora_down
+
+    (x,), weight, g = _inputs((LORA_MAX_ROWS + 1, 256), torch.float16, seed=3)
+    a = torch.randn(4, 256, generator=g).to(DEVICE, torch.float16)
+    y, s, t = rms_norm_lora_down(x, None, weight, 1e-5, a)  # a prefill: too many rows
+    assert t is None and torch.equal(y, rms_norm_forward(x, None, weight, 1e-5)[0]) and s is x
+    _, _, t = rms_norm_lora_down(x[:2], None, weight, 1e-5, a.float())  # A in another dtype
+    assert t is None
+    _, _, t = rms_norm_lora_down(x[:2], None, weight, 1e-5, a[:, :128])  # A for another width
+    assert t is None

@@ -301,3 +301,45 @@ def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(tiny_folder, 
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(whole[0].float(), our_logits(engine.model, ids)[-1], atol=1e-4, rtol=1e-4)
     engine.close()
+
+
+def test_the_triton_path_gives_the_reference_path_logits_with_lora(tiny_folder):
+    """The model on the Triton ops (the interpreter here, as on a GPU but for the decode), NF4
+    and a LoRA on every projection, against the same model on the PyTorch references: a
+    6-token prefill and two decode steps. The Triton side must take the RMSNorm fused with the
+    LoRA down-projection before q/k/v and gate/up (kernels.rmsnorm.rms_norm_lora_down)."""
+    import dataclasses
+
+    from model.ops import triton_ops
+    from model.quant import LoRAWeights
+
+    model = load_model(str(tiny_folder), quantize="nf4", device="cpu", dtype=torch.float32).model
+    g = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            n, k = module.shape
+            a, b = torch.randn(8, k, generator=g) / k**0.5, torch.randn(n, 8, generator=g) * 0.3
+            module.lora = LoRAWeights(a, b, 0.5)
+    fused = []
+
+    def spy(*args):
+        out = triton_ops().rms_norm_lora_down(*args)
+        fused.append(out[2] is not None)
+        return out
+
+    def run(ops):
+        for module in model.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+        ids = random_ids(8, model.args.vocab_size, seed=4)
+        model.setup_caches(1, 16)
+        out = [our_logits(model, ids[:6])]
+        for pos in (6, 7):
+            tokens, positions = torch.tensor([[ids[pos]]]), torch.tensor([[pos]])
+            out.append(model(tokens, positions, attn_len=pos + 1)[0].float())
+        return torch.cat(out)
+
+    want = run(REFERENCE_OPS)
+    ours = run(dataclasses.replace(triton_ops(), rms_norm_lora_down=spy))
+    assert fused and all(fused) and len(fused) == 3 * 2 * model.args.n_layers
+    torch.testing.assert_close(ours, want, atol=2e-4, rtol=2e-4)

@@ -257,7 +257,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
         raise ValueError("lora_t with PDL on: the GEMV would read x before the kernel writing it ends")
     t = (lora_down(x2, lora_a, use_pdl) if lora_t is None else lora_t.contiguous()) if rank else scales
 
-    def launch(cfg):
+    def launch(cfg, words=words, scales=scales):  # the tuner passes copies of the weight
         if cfg[0] == "mma":
             nf4_mma.launch_mma(
                 cfg[1:], x2.view(torch.int64), words.view(torch.int64), scales, t if rank else None,
@@ -286,7 +286,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
     key = (x.device, n_out, k, mp, x.dtype, swiglu, triton.next_power_of_2(rank) if rank else 0)
     mma = x_kind > 0 and (interpreting() or nf4_mma.supported(x.device))  # 16-bit x, sm_80+
     candidates = [c for c in _CONFIGS[mp] if mma or c[0] != "mma"]
-    launch(pick_config(key, n_out, k // 8, mp, launch, candidates))
+    launch(pick_config(key, n_out, k // 8, mp, launch, candidates, (words, scales)))
     return y.reshape(*x.shape[:-1], n_out)
 
 

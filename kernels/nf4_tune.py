@@ -1,9 +1,13 @@
 """The NF4 GEMV's configurations and the tuner that picks one per shape (kernels/nf4_linear.py).
 
 Each shape (device, N, K, rows of x rounded up, dtype, SwiGLU, LoRA rank rounded up or 0) is
-timed once, outside
-CUDA-graph capture, over the candidates that fit its K; the fastest is kept for the process.
-Under the interpreter, during capture, or with NF4_GEMV_TUNE=0, a fixed default is used.
+timed once, outside CUDA-graph capture, over the candidates that fit its K; the fastest is kept
+for the process. A candidate is timed as a decode step runs it: launches captured in a CUDA
+graph, back to back, each on another copy of the weight (together more than twice the L2), so
+every launch streams its weight from memory and pays its start and tail as it will in the step.
+(Timing single launches with do_bench instead, as before session 12, picked the tensor-core
+kernel for q/k/v at one row on an H100, 12% slower than the FMA kernel inside a graph.) Under
+the interpreter, during capture, or with NF4_GEMV_TUNE=0, a fixed default is used.
 
 The picks also go to a small JSON file (NF4_TUNE_CACHE, by default
 ~/.cache/llama-nf4-chat/nf4_tune.json; empty: none), under a fingerprint of the GPU model, the
@@ -142,12 +146,52 @@ def store_pick(name: str, cfg: tuple) -> None:
         log.warning("NF4 GEMV picks not saved to %s (%s); each start will tune anew", path, err)
 
 
-def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list) -> tuple:
+def weight_copies(weights: tuple) -> list[tuple]:
+    """`weights` and clones of them: enough copies to hold more than twice the L2 (at most 16)."""
+    nbytes = sum(t.nbytes for t in weights)
+    if not nbytes:
+        return [weights]
+    l2 = torch.cuda.get_device_properties(weights[0].device).L2_cache_size
+    count = min(16, max(2, -(-2 * l2 // nbytes)))
+    return [weights] + [tuple(t.clone() for t in weights) for _ in range(count - 1)]
+
+
+@functools.cache
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def time_config(launch, cfg: tuple, copies: list[tuple]) -> float:
+    """ms a launch of cfg: one launch on each copy of the weight, captured in a CUDA graph and
+    replayed (each launch reads its weight from memory, back to back, as in a decode step)."""
+    for weights in copies:  # compiles the config; nothing may compile or allocate in capture
+        launch(cfg, *weights)
+    main = torch.cuda.current_stream()
+    stream = _capture_stream(main.device)
+    stream.wait_stream(main)  # x and the LoRA partials come from the current stream
+    graph = torch.cuda.CUDAGraph()
+    # capture_begin/end rather than torch.cuda.graph, which collects garbage and empties the
+    # allocator's cache at every capture; "thread_local": other threads may use CUDA meanwhile
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            for weights in copies:
+                launch(cfg, *weights)
+        finally:
+            graph.capture_end()
+    main.wait_stream(stream)
+    return triton.testing.do_bench(graph.replay, warmup=3, rep=15) / len(copies)
+
+
+def pick_config(
+    key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list, weights: tuple = ()
+) -> tuple:
     """Best config for this shape: timed once per shape outside graph capture, else a default.
 
-    The default is the first FMA candidate that still gives 264 programs (two an H100/H200 SM),
-    or the narrowest one for small N; never an MMA one. A candidate that fails to compile or
-    launch on this device is skipped.
+    launch(cfg, *weights) runs the GEMV once; `weights` (the packed words and the absmax) are
+    copied for the timing (time_config). The default is the first FMA candidate that still gives
+    264 programs (two an H100/H200 SM), or the narrowest one for small N; never an MMA one. A
+    candidate that fails to compile, launch or be captured on this device is skipped.
     """
     if key in TUNED:
         return TUNED[key]
@@ -168,15 +212,15 @@ def pick_config(key: tuple, n_out: int, kw: int, mp: int, launch, candidates: li
     if isinstance(stored, list) and tuple(stored) in fits:  # timed before: this GPU, these kernels
         TUNED[key] = tuple(stored)
         return TUNED[key]
-    # do_bench clears the L2 between runs, so weights that fit the 50-60 MB L2 are timed from
-    # memory, as in a decode step.
+    copies = weight_copies(weights)
     times = {}
     for c in fits:
         try:
-            times[c] = triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=15)
+            times[c] = time_config(launch, c, copies)
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError):
             log.warning("NF4 GEMV config %s does not run on this device; skipped", c, exc_info=True)
             continue
+    del copies
     TUNED[key] = min(times, key=times.get) if times else default
     if name and times:
         store_pick(name, TUNED[key])

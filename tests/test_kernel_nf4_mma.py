@@ -229,9 +229,9 @@ def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_any_rows(monkeypatch):
     offered = []
     pick = nf4_linear.pick_config
 
-    def spy(key, n_out, kw, mp, launch, candidates):
+    def spy(key, n_out, kw, mp, launch, candidates, weights):
         offered.append((key[3], key[4], any(c[0] == "mma" for c in candidates)))
-        return pick(key, n_out, kw, mp, launch, candidates)
+        return pick(key, n_out, kw, mp, launch, candidates, weights)
 
     monkeypatch.setattr(nf4_linear, "pick_config", spy)
     packed = torch.randint(0, 256, (32 * 64 // 2,), dtype=torch.uint8).to(DEVICE)
@@ -262,7 +262,7 @@ def test_no_mma_candidate_before_sm80(monkeypatch):
     monkeypatch.setattr(nf4_linear.nf4_mma, "supported", lambda device: False)  # a T4 or V100
     monkeypatch.setattr(nf4_linear, "_gemv_supported", lambda *args: True)
     monkeypatch.setattr(
-        nf4_linear, "pick_config", lambda key, n, kw, mp, launch, c: offered.append(c) or c[0]
+        nf4_linear, "pick_config", lambda key, n, kw, mp, launch, c, w: offered.append(c) or c[0]
     )
     monkeypatch.setattr(nf4_linear, "launch_gemv_rows", lambda *args: None)
     packed = torch.zeros(32 * 64 // 2, dtype=torch.uint8)
@@ -271,13 +271,12 @@ def test_no_mma_candidate_before_sm80(monkeypatch):
 
 
 def test_tuner_skips_a_config_that_does_not_compile(monkeypatch):
-    import triton
 
     from kernels import nf4_tune
 
     monkeypatch.setattr(nf4_tune, "tuning_enabled", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn() or 1.0)
+    monkeypatch.setattr(nf4_tune, "time_config", lambda launch, cfg, copies: launch(cfg) or 1.0)
 
     def launch(cfg):
         if cfg[0] == "mma":
@@ -294,8 +293,6 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path, caplog):
     longer a candidate, is timed anew; an unwritable file only warns."""
     import json
 
-    import triton
-
     from kernels import nf4_tune
 
     path = tmp_path / "picks.json"
@@ -306,7 +303,9 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path, caplog):
     candidates = nf4_tune.CONFIGS[8]
     best, timed = candidates[-2], []  # a tensor-core config: it fits any K
     # the fake timer: the config just launched takes 0.5 ms if it is `best`, else 1 ms
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn() or 0.5 + (timed[-1] != best) / 2)
+    monkeypatch.setattr(
+        nf4_tune, "time_config", lambda launch, cfg, copies: launch(cfg) or 0.5 + (timed[-1] != best) / 2
+    )
     key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, True)
 
     def pick(offered=candidates) -> tuple:
@@ -335,3 +334,22 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path, caplog):
     assert pick() == best  # not saved there, not fatal: one warning
     assert "not saved" in caplog.text
     nf4_tune.TUNED.pop(key, None)
+
+
+def test_tuner_times_each_config_on_copies_of_the_weight_beyond_the_l2(monkeypatch):
+    """weight_copies: the weight itself first, then clones (equal values, their own memory)
+    until the copies hold more than twice the L2, between 2 and 16 of them."""
+    from types import SimpleNamespace
+
+    from kernels import nf4_tune
+
+    words, scales = torch.arange(1000, dtype=torch.int32), torch.rand(40)  # 4160 bytes
+    for l2, count in ((1 << 20, 16), (4160, 2), (10_000, 5), (10, 2)):
+        props = SimpleNamespace(L2_cache_size=l2)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        copies = nf4_tune.weight_copies((words, scales))
+        assert len(copies) == count and copies[0][0] is words and copies[0][1] is scales
+        for w, s in copies[1:]:
+            assert torch.equal(w, words) and torch.equal(s, scales)
+            assert w.data_ptr() != words.data_ptr() and s.data_ptr() != scales.data_ptr()
+    assert nf4_tune.weight_copies(()) == [()]

@@ -103,36 +103,21 @@ def _gemv_step(
 
 
 @triton.jit
-def _lora_operands(t_ptr, T_SPLITS, b_ptr, rows, rmask, xm, M, R, RP: tl.constexpr, TSP: tl.constexpr, DTYPE):
-    """t = x A^T (MP, RP) summed from its partials and rounded to DTYPE, and B's rows (RB, RP)."""
-    j = tl.arange(0, RP)
-    t = sum_lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, DTYPE)
-    b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=rmask[:, None] & (j < R)[None, :], other=0.0)
-    return t, b.to(tl.float32)
-
-
-@triton.jit
 def _gemv_epilogue(
     acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT, lora_scale,
-    t_early, b_early,
     MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TSP: tl.constexpr, BN: tl.constexpr,
-    SWIGLU: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """y[:, n] = sum over words of acc, + lora_scale * t B^T, SwiGLU-combined, in y's dtype.
-
-    EARLY: t and B's rows were loaded before the K loop (t_early, b_early), so their latency
-    hid behind the weight stream instead of adding ~1 us to each program's end (PDL off only:
-    with PDL, t may be read only after the wait below)."""
+    """y[:, n] = sum over words of acc, + lora_scale * t B^T, SwiGLU-combined, in y's dtype."""
     y = tl.sum(acc, axis=2)  # (MP, RB)
     pdl.wait(PDL)  # t comes from the kernel just before
     pdl.release(PDL)
     if R > 0:
-        if EARLY:
-            t, b = t_early, b_early
-        else:
-            dtype = y_ptr.dtype.element_ty
-            t, b = _lora_operands(t_ptr, T_SPLITS, b_ptr, rows, rmask, xm, M, R, RP, TSP, dtype)
-        y += lora_scale * tl.sum(t[:, None, :] * b[None, :, :], 2)
+        j = tl.arange(0, RP)
+        t = sum_lora_t(t_ptr, xm, M, T_SPLITS, R, RP, TSP, y_ptr.dtype.element_ty)
+        bmask = rmask[:, None] & (j < R)[None, :]
+        b = tl.load(b_ptr + rows[:, None] * R + j[None, :], mask=bmask, other=0.0)
+        y += lora_scale * tl.sum(t[:, None, :] * b.to(tl.float32)[None, :, :], 2)
     if SWIGLU:
         g, u = tl.split(tl.reshape(y, (MP, BN, 2)))
         y = g * tl.sigmoid(g) * u
@@ -200,19 +185,12 @@ def _nf4_gemv_kernel(
             if ks == steps - 1:
                 _gemv_epilogue(
                     acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr,
-                    N_OUT, lora_scale, 0.0, 0.0, MP, R, RP, TSP, BN, SWIGLU, PDL, False,
+                    N_OUT, lora_scale, MP, R, RP, TSP, BN, SWIGLU, PDL,
                 )  # fmt: skip
                 acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
         pdl.wait(PDL)  # every program waits, even one without a tile (kernels/pdl.py, rule 1)
     else:
         n, rows, rmask = tile_rows(pid, N_OUT, BN, SWIGLU)
-        EARLY: tl.constexpr = R > 0 and not PDL
-        t_early = 0.0
-        b_early = 0.0
-        if EARLY:
-            t_early, b_early = _lora_operands(
-                t_ptr, T_SPLITS, b_ptr, rows, rmask, xm, M, R, RP, TSP, y_ptr.dtype.element_ty
-            )
         for w0 in tl.range(0, kw, BKW, num_stages=NUM_STAGES):
             acc = _gemv_step(
                 acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rows, rmask, xrow, mmask,
@@ -220,7 +198,7 @@ def _nf4_gemv_kernel(
             )  # fmt: skip
         _gemv_epilogue(
             acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT,
-            lora_scale, t_early, b_early, MP, R, RP, TSP, BN, SWIGLU, PDL, EARLY,
+            lora_scale, MP, R, RP, TSP, BN, SWIGLU, PDL,
         )  # fmt: skip
 
 

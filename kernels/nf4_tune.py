@@ -3,8 +3,9 @@
 Each shape (device, N, K, rows of x rounded up, dtype, SwiGLU, LoRA rank rounded up or 0) is
 timed once, outside CUDA-graph capture, over the candidates that fit its K; the fastest is kept
 for the process. A candidate is timed as a decode step runs it: launches captured in a CUDA
-graph, back to back, each on another copy of the weight (together more than twice the L2), so
-every launch streams its weight from memory and pays its start and tail as it will in the step.
+graph, back to back, each on another copy of the weight (2 to 16 copies, more than twice the L2
+together where 16 are enough; do_bench also clears the L2 before each replay), so every launch
+streams its weight from memory and pays its start and tail as it will in the step.
 (Timing single launches with do_bench instead, as before session 12, picked the tensor-core
 kernel for q/k/v at one row on an H100, 12% slower than the FMA kernel inside a graph.) Under
 the interpreter, during capture, or with NF4_GEMV_TUNE=0, a fixed default is used.
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -52,6 +54,17 @@ CONFIGS = {
 for _rows in CONFIGS:  # the tensor-core GEMV (kernels/nf4_mma.py), 16-bit x: ("mma", tiles, warps, ahead)
     CONFIGS[_rows] = CONFIGS[_rows] + [("mma", *c) for c in MMA_CONFIGS]
 log = logging.getLogger(__name__)
+_TIMING = threading.Lock()  # one timing at a time: the captures share one stream
+# a config that cannot be built for this device (PTXASError: no RuntimeError, in triton >= 3.2)
+_BUILD_ERRORS = tuple(
+    error
+    for error in (
+        triton.runtime.errors.OutOfResources,
+        triton.compiler.errors.CompilationError,
+        getattr(triton.runtime.errors, "PTXASError", None),
+    )
+    if error is not None
+)
 TUNED: dict[tuple, tuple] = {}  # (BN, BKW, ...), (rows, BKW, warps) or ("mma", tiles, warps, ahead)
 
 
@@ -183,6 +196,26 @@ def time_config(launch, cfg: tuple, copies: list[tuple]) -> float:
     return triton.testing.do_bench(graph.replay, warmup=3, rep=15) / len(copies)
 
 
+def _time_candidates(launch, fits: list, weights: tuple) -> tuple[dict, bool]:
+    """({config: ms} of the candidates that ran, whether a failure may have been transient: the
+    device out of memory, a capture refused; such a pick is used but not stored)."""
+    try:
+        copies = weight_copies(weights)
+    except torch.cuda.OutOfMemoryError:  # no room for copies: timed on the weight itself
+        log.warning("NF4 GEMV tuner: no memory for weight copies; timing on one", exc_info=True)
+        copies = [weights]
+    times, unsure = {}, False
+    for c in fits:
+        try:
+            times[c] = time_config(launch, c, copies)
+        except _BUILD_ERRORS:
+            log.warning("NF4 GEMV config %s does not compile for this device; skipped", c, exc_info=True)
+        except RuntimeError:  # a launch or capture failure, maybe out of memory: maybe not for good
+            log.warning("NF4 GEMV config %s did not run; skipped", c, exc_info=True)
+            unsure = True
+    return times, unsure
+
+
 def pick_config(
     key: tuple, n_out: int, kw: int, mp: int, launch, candidates: list, weights: tuple = ()
 ) -> tuple:
@@ -212,16 +245,9 @@ def pick_config(
     if isinstance(stored, list) and tuple(stored) in fits:  # timed before: this GPU, these kernels
         TUNED[key] = tuple(stored)
         return TUNED[key]
-    copies = weight_copies(weights)
-    times = {}
-    for c in fits:
-        try:
-            times[c] = time_config(launch, c, copies)
-        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError):
-            log.warning("NF4 GEMV config %s does not run on this device; skipped", c, exc_info=True)
-            continue
-    del copies
+    with _TIMING:
+        times, unsure = _time_candidates(launch, fits, weights)
     TUNED[key] = min(times, key=times.get) if times else default
-    if name and times:
+    if name and times and not unsure:  # a pick over every candidate that could run: kept
         store_pick(name, TUNED[key])
     return TUNED[key]

@@ -59,6 +59,22 @@ def add_rms_norm(
     return rms_norm(s, weight, eps), s
 
 
+def rms_norm_lora_down(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    lora_a: torch.Tensor,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, t): the norm (s = x without a residual) and t = y A^T as fp32 partial sums over
+    `chunk`-wide slices of the features, (cdiv(N, chunk), rows, r): kernels.nf4_lora's format."""
+    y, s = (rms_norm(x, weight, eps), x) if residual is None else add_rms_norm(x, residual, weight, eps)
+    y2, a = y.reshape(-1, y.shape[-1]).float(), lora_a.float()
+    t = torch.stack([y2[:, i : i + chunk] @ a[:, i : i + chunk].T for i in range(0, y.shape[-1], chunk)])
+    return y, s, t
+
+
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,15 +179,18 @@ def nf4_linear(
     lora_a: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
+    lora_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + lora_scale * (x A^T) B^T, W the (N, K) NF4 weight dequantized to x.dtype.
 
     x: (..., K); lora_a: (r, K), lora_b: (N, r) in x.dtype, or both None. This is peft's
-    unmerged LoRA on top of bitsandbytes' Linear4bit (dropout off, as at inference).
+    unmerged LoRA on top of bitsandbytes' Linear4bit (dropout off, as at inference). lora_t:
+    x A^T given as fp32 partial sums (chunks, rows of x, r), summed and rounded to x.dtype once.
     """
     y = F.linear(x, nf4_dequantize(packed, absmax, shape, x.dtype))
     if lora_a is not None:
-        y = y + F.linear(F.linear(x, lora_a), lora_b) * lora_scale
+        down = F.linear(x, lora_a) if lora_t is None else lora_t.sum(0).to(x.dtype).reshape(*x.shape[:-1], -1)
+        y = y + F.linear(down, lora_b) * lora_scale
     return y
 
 
@@ -183,13 +202,14 @@ def nf4_linear_swiglu(
     lora_a: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
+    lora_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(g) * u where [g, u] = nf4_linear(x, ...) split in two halves along the last dim.
 
     The weight is the gate projection stacked on the up projection: shape (2I, K). LoRA, if
     given, is stacked the same way (lora_a: (r2, K), lora_b: (2I, r2), block-diagonal for two
-    adapters). Output: (..., I).
+    adapters). lora_t as for nf4_linear. Output: (..., I).
     """
-    y = nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale)
+    y = nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, lora_t)
     gate, up = y.chunk(2, dim=-1)
     return swiglu(gate, up)

@@ -20,12 +20,7 @@ Backward, with xhat = s * rstd unrounded (the roundings pass gradients straight 
 
 One program normalises one row in the forward.
 
-Decode also has the norm fused with the LoRA down-projection of the projection that reads its
-output (rms_norm_lora_down): t = y A^T as the fp32 partial sums, one K chunk each, that the
-NF4 GEMV's epilogue adds (kernels/nf4_lora.py has the format). Each program normalises its row
-in full (the same loads and reduction as the plain kernel, so y is the same), keeps one K
-chunk of it, stores that chunk of y and s (the programs of the first rank group), and sums the
-chunk against a few rows of A. One launch instead of two before each q/k/v and gate/up GEMV.
+Decode fuses the norm with a LoRA down-projection too: kernels/rmsnorm_lora.py.
 
 The backward runs one program per SM, each looping over rows with a stride and keeping its
 share of dw in registers; the partial sums are added by torch afterwards, which avoids atomics
@@ -77,65 +72,6 @@ def _rms_norm_forward_kernel(
     n = (h * rstd).to(s.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rms_norm_lora_kernel(
-    x_ptr,  # (M, N) input rows, last dim contiguous
-    r_ptr,  # (M, N) residual rows; unused unless HAS_RESIDUAL
-    s_ptr,  # (M, N) out: x + residual; unused unless HAS_RESIDUAL
-    w_ptr,  # (N,) scale
-    y_ptr,  # (M, N) out: normalised and scaled rows, contiguous
-    a_ptr,  # (R, N) LoRA down weight A, rows contiguous
-    t_ptr,  # (cdiv(N, CHUNK), M, R) fp32 out: the chunks' partial sums of y A^T
-    stride_x,  # elements between rows of x
-    stride_r,  # elements between rows of residual
-    M,  # rows
-    N,  # row length
-    R,  # LoRA rank
-    eps,  # added to the mean square before the root
-    HAS_RESIDUAL: tl.constexpr,  # fuse the residual add in front
-    BLOCK_N: tl.constexpr,  # power of two >= N: the whole row, for its mean square
-    CHUNK: tl.constexpr,  # K elements of a partial sum (a program's share of y)
-    RB: tl.constexpr,  # ranks a program
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-):
-    """Program (c, g, row): row's y and s on chunk c, and its partial sums for ranks g*RB..."""
-    c = tl.program_id(0)
-    g = tl.program_id(1)
-    row = tl.program_id(2).to(tl.int64)
-    pdl.wait(PDL)
-    pdl.release(PDL)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    # the whole row, exactly as _rms_norm_forward_kernel reduces it (same layout, same order)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty).to(tl.float32)
-    else:
-        h = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-    # this program's chunk, computed again from its own loads (cached) with the same operations
-    k = c * CHUNK + tl.arange(0, CHUNK)
-    kmask = k < N
-    xc = tl.load(x_ptr + row * stride_x + k, mask=kmask, other=0.0)
-    if HAS_RESIDUAL:
-        rc = tl.load(r_ptr + row * stride_r + k, mask=kmask, other=0.0)
-        sc = (xc.to(tl.float32) + rc.to(tl.float32)).to(s_ptr.dtype.element_ty)
-    else:
-        sc = xc
-    n = (sc.to(tl.float32) * rstd).to(sc.dtype).to(tl.float32)
-    w = tl.load(w_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    y = (w * n).to(y_ptr.dtype.element_ty)
-    if g == 0:
-        tl.store(y_ptr + row * N + k, y, mask=kmask)
-        if HAS_RESIDUAL:
-            tl.store(s_ptr + row * N + k, sc, mask=kmask)
-    j = g * RB + tl.arange(0, RB)
-    a = tl.load(a_ptr + j[:, None] * N + k[None, :], mask=(j < R)[:, None] & kmask[None, :], other=0.0)
-    t = tl.sum(a.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
-    tl.store(t_ptr + (c * M + row) * R + j, t, mask=j < R)
 
 
 @triton.jit
@@ -218,58 +154,6 @@ def rms_norm_forward(
             BLOCK_N=block, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl, enable_fp_fusion=True,
         )  # fmt: skip
     return y.view(shape), s.view(shape) if residual is not None else x, rstd
-
-
-LORA_CHUNK = 1024  # K elements a partial sum of the fused LoRA down-projection
-LORA_RANKS = 4  # ranks a program: 48 programs for q/k/v at r=16 (3 x 16 ranks), 32 for gate/up
-LORA_MAX_ROWS = 8  # decode batches (kernels.nf4_linear.GEMV_MAX_ROWS): prefill computes x A^T itself
-
-
-def rms_norm_lora_down(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float,
-    lora_a: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(y, s, t): y and s as rms_norm_forward returns them, and t = y A^T for lora_a (r, N) as
-    (cdiv(N, LORA_CHUNK), M, r) fp32 partial sums, the format of kernels.nf4_lora.lora_down,
-    which kernels.nf4_linear takes as lora_t. One launch.
-
-    t is None, and the norm is the plain kernel, where the fusion does not apply: more than
-    LORA_MAX_ROWS rows, autograd, A in another dtype or shape, or PDL on (the GEMV reads x before
-    its wait when it has LoRA, kernels/pdl.py rule 2: x must be written two launches back).
-    """
-    n = x.shape[-1]
-    rows = x.numel() // n if n else 0
-    if (
-        not 0 < rows <= LORA_MAX_ROWS
-        or _needs_grad(x, weight, *(() if residual is None else (residual,)))
-        or lora_a.dim() != 2
-        or lora_a.shape[1] != n
-        or lora_a.dtype != x.dtype
-        or pdl.pdl_enabled(x.device)
-    ):
-        y, s, _ = rms_norm_forward(x, residual, weight, eps)
-        return y, s, None
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}.")
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else x2
-    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, s_dtype), device=x.device)
-    s = torch.empty(x2.shape, dtype=s_dtype, device=x.device) if residual is not None else x2
-    rank = lora_a.shape[0]
-    chunks = triton.cdiv(n, LORA_CHUNK)
-    t = torch.empty((chunks, rows, rank), dtype=torch.float32, device=x.device)
-    block, warps = _block_and_warps(n)
-    _rms_norm_lora_kernel[(chunks, triton.cdiv(rank, LORA_RANKS), rows)](
-        x2, r2, s, weight.contiguous(), y, lora_a.contiguous(), t,
-        x2.stride(0), r2.stride(0), rows, n, rank, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block, CHUNK=LORA_CHUNK, RB=LORA_RANKS,
-        PDL=False, num_warps=warps, enable_fp_fusion=True,
-    )  # fmt: skip
-    return y.view(x.shape), s.view(x.shape) if residual is not None else x, t
 
 
 def _num_programs(device: torch.device, rows: int) -> int:

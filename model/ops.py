@@ -56,14 +56,14 @@ REFERENCE_OPS = Ops(
 
 def triton_ops() -> Ops:
     """The Triton kernels; imported on demand so CPU-only installs never compile anything."""
-    from kernels import decode_attention, embedding, nf4, nf4_linear, rmsnorm, rope, swiglu
+    from kernels import decode_attention, embedding, nf4, nf4_linear, rmsnorm, rmsnorm_lora, rope, swiglu
 
     return Ops(
         name="Triton",
         embedding=embedding.embedding,
         rms_norm=rmsnorm.rms_norm,
         add_rms_norm=rmsnorm.add_rms_norm,
-        rms_norm_lora_down=rmsnorm.rms_norm_lora_down,
+        rms_norm_lora_down=rmsnorm_lora.rms_norm_lora_down,
         rope=rope.rope,
         rope_kv_cache=rope.rope_kv_cache,
         decode_attention=decode_attention.decode_attention,

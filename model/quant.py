@@ -96,13 +96,13 @@ class NF4Linear(LoRALinear):
 
     def forward(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
         """lora_t: x A^T from the norm before (norm_lora_a), or None."""
-        extra = {} if lora_t is None else {"lora_t": lora_t}
-        return self.ops.nf4_linear(x, self.packed, self.absmax, self.shape, *self.lora_args(), **extra)
+        return self.ops.nf4_linear(x, self.packed, self.absmax, self.shape, *self.lora_args(), lora_t=lora_t)
 
     def forward_swiglu(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
         """For a stacked gate/up weight: silu(gate) * up in one launch."""
-        extra = {} if lora_t is None else {"lora_t": lora_t}
-        return self.ops.nf4_linear_swiglu(x, self.packed, self.absmax, self.shape, *self.lora_args(), **extra)
+        return self.ops.nf4_linear_swiglu(
+            x, self.packed, self.absmax, self.shape, *self.lora_args(), lora_t=lora_t
+        )
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.ops.nf4_dequantize(self.packed, self.absmax, self.shape, dtype)

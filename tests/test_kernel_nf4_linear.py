@@ -130,6 +130,9 @@ def test_linear_takes_lora_t_from_the_norm(n, k, rows, swiglu):
     itself = op(x, packed, absmax, (n, k), *lora, lora_scale=0.5)
     want = _oracle(x, packed, absmax, (n, k), lora, 0.5, swiglu)
     torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2)
+    ref_op = reference.nf4_linear_swiglu if swiglu else reference.nf4_linear
+    theirs = ref_op(x, packed, absmax, (n, k), *lora, lora_scale=0.5, lora_t=t)
+    torch.testing.assert_close(theirs.double(), want, atol=1.6e-2, rtol=1.6e-2)
     if k % 64 == 0:  # the same kernels with the same partials: the same result
         assert torch.equal(ours, itself)
     with pytest.raises(ValueError, match="partial sums"):

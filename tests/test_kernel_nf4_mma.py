@@ -353,3 +353,75 @@ def test_tuner_times_each_config_on_copies_of_the_weight_beyond_the_l2(monkeypat
             assert torch.equal(w, words) and torch.equal(s, scales)
             assert w.data_ptr() != words.data_ptr() and s.data_ptr() != scales.data_ptr()
     assert nf4_tune.weight_copies(()) == [()]
+
+
+def test_a_pick_after_a_failure_that_may_pass_is_used_but_not_stored(monkeypatch, tmp_path):
+    """A config that fails to build (compile error, ptxas) is skipped and the pick stored; one
+    that fails at launch or capture (out of memory, a refused capture) may run another time: the
+    pick over the others is used in this process but not written for the next start."""
+    import json
+
+    import triton
+
+    from kernels import nf4_tune
+
+    path = tmp_path / "picks.json"
+    monkeypatch.setenv("NF4_TUNE_CACHE", str(path))
+    monkeypatch.setattr(nf4_tune, "tuning_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(nf4_tune, "fingerprint", lambda device: "gpu-a")
+    monkeypatch.setattr(nf4_tune, "time_config", lambda launch, cfg, copies: launch(cfg) or 1.0)
+    candidates = nf4_tune.CONFIGS[8]
+    key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, 0)
+    for error, stored in (
+        (triton.runtime.errors.PTXASError("ptxas failed"), True),
+        (RuntimeError("CUDA error: out of memory"), False),
+    ):
+        path.unlink(missing_ok=True)
+        nf4_tune.TUNED.pop(key, None)
+
+        def launch(cfg, error=error):
+            if cfg[0] == "mma":
+                raise error
+
+        cfg = nf4_tune.pick_config(key, 64, 16, 8, launch, candidates)
+        assert cfg[0] != "mma" and nf4_tune.TUNED.pop(key) == cfg
+        assert path.exists() == stored
+        if stored:
+            assert list(json.loads(path.read_text()).values()) == [list(cfg)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_time_config_times_a_captured_launch_on_each_copy():
+    """The tuner's timing on the device: a finite positive time, the output of the last copy's
+    launch (each copy's weight read), no memory left behind but the copies the caller holds."""
+    from kernels import nf4_tune
+
+    n, k = 4096, 4096
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device="cuda")
+    absmax = torch.rand(n * k // 64, device="cuda") + 0.25
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    from kernels import nf4_linear
+
+    want = nf4_linear.nf4_linear(x, packed, absmax, (n, k))
+    words = packed.view(torch.int32)
+    copies = nf4_tune.weight_copies((words, absmax))
+    assert len(copies) >= 2
+    seen = []
+
+    def launch(cfg, w, s):
+        seen.append(w.data_ptr())
+        key = (x.device, n, k, 1, x.dtype, False, 0)
+        nf4_linear._TUNED[key] = cfg
+        try:
+            y = nf4_linear.nf4_linear(x, w.view(torch.uint8), s, (n, k))
+        finally:
+            nf4_linear._TUNED.pop(key)
+        assert torch.cuda.is_current_stream_capturing() or torch.equal(y, want)
+
+    before = torch.cuda.memory_allocated()
+    ms = nf4_tune.time_config(launch, nf4_tune.CONFIGS[1][0], copies)
+    assert 0 < ms < 1 and set(seen) == {w.data_ptr() for w, _ in copies}
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + 2 * (1 << 20)  # the graph's outputs, freed or small

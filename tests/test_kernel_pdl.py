@@ -32,7 +32,7 @@ from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_linear import _nf4_gemv_kernel
 from kernels.nf4_lora import _lora_down_kernel
 from kernels.nf4_mma import _nf4_mma_kernel
-from kernels.rmsnorm import _rms_norm_forward_kernel, _rms_norm_lora_kernel
+from kernels.rmsnorm import _rms_norm_forward_kernel
 from kernels.rope import _rope_kernel
 
 target = GPUTarget("cuda", 90, 32)
@@ -52,10 +52,6 @@ attn = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", rows_pt
 cases = {
     "rms_norm": (_rms_norm_forward_kernel, norm, dict(HAS_RESIDUAL=True, STORE_RSTD=False,
                  BLOCK_N=4096)),
-    "rms_norm_lora": (_rms_norm_lora_kernel, dict(x_ptr="*bf16", r_ptr="*bf16", s_ptr="*bf16",
-                      w_ptr="*bf16", y_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", stride_x="i32",
-                      stride_r="i32", M="i32", N="i32", R="i32", eps="fp32"),
-                      dict(HAS_RESIDUAL=True, BLOCK_N=4096, CHUNK=1024, RB=4)),
     "rope_kv_cache": (_rope_kernel, rope, dict(HQ=32, HK=8, HALF=64, BLOCK_HQ=32, BLOCK_HK=8,
                       BLOCK_HALF=64, BACKWARD=False, CACHE=True)),
     "decode_attention": (_decode_attention_kernel, attn, dict(HQ=32, G=4, BLOCK_G=16, D=128,

@@ -36,6 +36,7 @@ DTYPES = [
     (torch.float16, (1e-4, 2e-3), (2e-3, 2e-3)),
     (torch.bfloat16, (1e-3, 2.4e-2), (3e-2, 1.6e-2)),
 ]
+DTYPES_BY_NAME = [(dtype, fwd) for dtype, fwd, _ in DTYPES]
 
 
 def _inputs(shape, dtype, seed, n_act=1):
@@ -167,18 +168,19 @@ def test_no_grad_path_matches_autograd_path():
     torch.testing.assert_close(s0, s1, atol=0, rtol=0)
 
 
-# The norm fused with the next projection's LoRA down-projection (decode): y and s must be the
-# plain kernel's bit for bit (the same loads and reduction), t the partial sums of y A^T that
-# kernels/nf4_lora.py's lora_down would give (its format, its chunks).
+# kernels/rmsnorm_lora.py, the norm fused with the next projection's LoRA down-projection
+# (decode): y and s must be the plain kernel's bit for bit (the same loads and reduction), t the
+# partial sums of y A^T in kernels/nf4_lora.py's format and chunks.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("rows, n, rank", [(1, 4096, 48), (3, 1000, 5), (8, 2 * 1024 + 64, 16), (2, 64, 1)])
 def test_rms_norm_lora_down(rows, n, rank, residual, dtype):
     from kernels.nf4_lora import LORA_BLOCK_K, lora_down
-    from kernels.rmsnorm import LORA_CHUNK, rms_norm_forward, rms_norm_lora_down
+    from kernels.rmsnorm import rms_norm_forward
+    from kernels.rmsnorm_lora import LORA_CHUNK, rms_norm_lora_down
 
-    (x, r), weight, g = _inputs((rows, n), dtype, seed=rows * n + rank, n_act=2)
-    weight = weight.to(dtype)
+    (x, r), weight, g = _inputs((rows, 2 * n), dtype, seed=rows * n + rank, n_act=2)
+    x, r, weight = x[:, :n], r[:, n:], weight[:n].to(dtype)  # rows of x and residual 2n apart
     a = (torch.randn(rank, n, generator=g) / n**0.5).to(DEVICE, dtype)
     res = r if residual else None
     y, s, t = rms_norm_lora_down(x, res, weight, 1e-5, a)
@@ -188,17 +190,29 @@ def test_rms_norm_lora_down(rows, n, rank, residual, dtype):
     assert LORA_CHUNK == LORA_BLOCK_K  # the same chunks as the unfused down-projection
     assert t.shape == (-(-n // LORA_CHUNK), rows, rank) and t.dtype == torch.float32
     torch.testing.assert_close(t, lora_down(y, a, use_pdl=False), atol=1e-5, rtol=1e-5)
+    ref_y, ref_s, ref_t = reference.rms_norm_lora_down(x, res, weight, 1e-5, a, LORA_CHUNK)
+    _close(y, ref_y, dict(DTYPES_BY_NAME)[dtype])
+    # the reference's y may differ from ours by an ulp here and there (fp32 sum order, and the
+    # interpreter's bf16 truncation), each such ulp times an A entry in t
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(t, ref_t, atol=tol, rtol=tol)
     torch.testing.assert_close(t.double().sum(0), y.double() @ a.double().T, atol=1e-5, rtol=1e-5)
 
 
 def test_rms_norm_lora_down_leaves_t_to_the_projection_where_it_does_not_apply():
-    from kernels.rmsnorm import LORA_MAX_ROWS, rms_norm_forward, rms_norm_lora_down
+    from kernels.rmsnorm import rms_norm_forward
+    from kernels.rmsnorm_lora import LORA_MAX_ROWS, rms_norm_lora_down
 
-    (x,), weight, g = _inputs((LORA_MAX_ROWS + 1, 256), torch.float16, seed=3)
+    (x, r), weight, g = _inputs((LORA_MAX_ROWS + 1, 256), torch.float16, seed=3, n_act=2)
     a = torch.randn(4, 256, generator=g).to(DEVICE, torch.float16)
     y, s, t = rms_norm_lora_down(x, None, weight, 1e-5, a)  # a prefill: too many rows
     assert t is None and torch.equal(y, rms_norm_forward(x, None, weight, 1e-5)[0]) and s is x
-    _, _, t = rms_norm_lora_down(x[:2], None, weight, 1e-5, a.float())  # A in another dtype
-    assert t is None
-    _, _, t = rms_norm_lora_down(x[:2], None, weight, 1e-5, a[:, :128])  # A for another width
-    assert t is None
+    for other in (a.float(), a[:, :128], a[:0]):  # another dtype, another width, rank 0
+        y, s, t = rms_norm_lora_down(x[:2], r[:2], weight, 1e-5, other)
+        assert t is None and torch.equal(y, rms_norm_forward(x[:2], r[:2], weight, 1e-5)[0])
+    # autograd: the plain norm, with its gradient
+    (x_k,), _ = _leaves(x[:2])
+    y, s, t = rms_norm_lora_down(x_k, None, weight, 1e-5, a)
+    assert t is None and y.grad_fn is not None
+    y.sum().backward()
+    assert x_k.grad is not None

@@ -252,7 +252,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
     code = nf4_code_table(x.device)
     use_pdl = pdl.pdl_enabled(x.device)
     # The down-projection launches last, right before the GEMV, which reads x while it runs;
-    # or the RMSNorm before has computed it (kernels.rmsnorm.rms_norm_lora_down, PDL off only).
+    # or the RMSNorm before has computed it (kernels.rmsnorm_lora.rms_norm_lora_down, PDL off only).
     if rank and lora_t is not None and use_pdl:
         raise ValueError("lora_t with PDL on: the GEMV would read x before the kernel writing it ends")
     t = (lora_down(x2, lora_a, use_pdl) if lora_t is None else lora_t.contiguous()) if rank else scales
@@ -305,7 +305,7 @@ def nf4_linear(
     Same arguments as kernels.reference.nf4_linear: x (..., K); packed uint8 in bitsandbytes'
     layout; absmax fp32, one per 64 flattened elements; lora_a (r, K) and lora_b (N, r) in x's
     dtype, or both None. lora_t: x A^T already computed, as fp32 partial sums (chunks, rows of
-    x, r) (kernels.rmsnorm.rms_norm_lora_down); None: computed here. Graph-capturable once each
+    x, r) (kernels.rmsnorm_lora.rms_norm_lora_down); None: computed here. Graph-capturable once each
     shape has been called outside capture.
     """
     return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, False, lora_t)

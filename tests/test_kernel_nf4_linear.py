@@ -117,7 +117,7 @@ def test_every_tuner_config_matches_oracle(rows, monkeypatch):
 @pytest.mark.parametrize("n, k, rows", [(33, 192, 1), (24, 3072, 2), (40, 4096, 5), (5, 123, 2)])
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_linear_takes_lora_t_from_the_norm(n, k, rows, swiglu):
-    # x A^T handed in as partial sums (kernels.rmsnorm.rms_norm_lora_down) gives what the GEMV
+    # x A^T handed in as partial sums (kernels.rmsnorm_lora.rms_norm_lora_down) gives what the GEMV
     # gives computing it itself: the 1-2 row kernel, the rows kernel and (K % 64 != 0) the
     # dequantize path, which sums the partials and rounds once as the GEMV does.
     from kernels.nf4_lora import lora_down

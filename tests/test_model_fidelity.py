@@ -307,7 +307,7 @@ def test_the_triton_path_gives_the_reference_path_logits_with_lora(tiny_folder):
     """The model on the Triton ops (the interpreter here, as on a GPU but for the decode), NF4
     and a LoRA on every projection, against the same model on the PyTorch references: a
     6-token prefill and two decode steps. The Triton side must take the RMSNorm fused with the
-    LoRA down-projection before q/k/v and gate/up (kernels.rmsnorm.rms_norm_lora_down)."""
+    LoRA down-projection before q/k/v and gate/up (kernels.rmsnorm_lora.rms_norm_lora_down)."""
     import dataclasses
 
     from model.ops import triton_ops

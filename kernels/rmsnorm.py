@@ -124,6 +124,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def forward_buffers(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor):
+    """(x2, r2, y, s) for a forward launch: x and residual as (M, N) rows (r2 = x2 without a
+    residual), and y and s allocated (M, N) in the dtypes torch's ops give (s = x2 without one)."""
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}.")
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, s_dtype), device=x.device)
+    s = torch.empty(x2.shape, dtype=s_dtype, device=x.device) if residual is not None else x2
+    return x2, r2, y, s
+
+
 def rms_norm_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -135,14 +148,8 @@ def rms_norm_forward(
 
     y and s come back contiguous with x's shape; rstd is (M,) fp32, or None unless asked for.
     """
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}.")
     shape, n = x.shape, x.shape[-1]
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else x2
-    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, s_dtype), device=x.device)
-    s = torch.empty(x2.shape, dtype=s_dtype, device=x.device) if residual is not None else x2
+    x2, r2, y, s = forward_buffers(x, residual, weight)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device) if store_rstd else None
     if x2.shape[0] > 0:
         block, warps = _block_and_warps(n)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
-from kernels.rmsnorm import _block_and_warps, _needs_grad, _rows, add_rms_norm, rms_norm
+from kernels.rmsnorm import _block_and_warps, _needs_grad, add_rms_norm, forward_buffers, rms_norm
 
 
 @triton.jit
@@ -113,13 +113,7 @@ def rms_norm_lora_down(
         if residual is None:
             return rms_norm(x, weight, eps), x, None
         return (*add_rms_norm(x, residual, weight, eps), None)
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}.")
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else x2
-    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, s_dtype), device=x.device)
-    s = torch.empty(x2.shape, dtype=s_dtype, device=x.device) if residual is not None else x2
+    x2, r2, y, s = forward_buffers(x, residual, weight)
     rank = lora_a.shape[0]
     chunks = triton.cdiv(n, LORA_CHUNK)
     t = torch.empty((chunks, rows, rank), dtype=torch.float32, device=x.device)

@@ -67,7 +67,7 @@ class RMSNorm(nn.Module):
         """forward(x, residual) and t, the LoRA x A^T of `then` (the projection reading the
         output) where the ops compute it in the same launch (decode on CUDA); else t is None."""
         lora_a = then.norm_lora_a()
-        if lora_a is None:
+        if lora_a is None or self.ops.rms_norm_lora_down is None:
             return (*self.forward(x, residual), None)
         return self.ops.rms_norm_lora_down(x, residual, self.weight, self.eps, lora_a)
 

@@ -21,7 +21,9 @@ class Ops:
     embedding: Callable
     rms_norm: Callable
     add_rms_norm: Callable
-    rms_norm_lora_down: Callable  # (x, residual or None, weight, eps, lora_a) -> (y, s, t or None)
+    # (x, residual or None, weight, eps, lora_a) -> (y, s, t or None); None: no fused op (the
+    # reference path, where each projection computes x A^T as peft does)
+    rms_norm_lora_down: Callable | None
     rope: Callable
     rope_kv_cache: Callable
     decode_attention: Callable
@@ -31,19 +33,12 @@ class Ops:
     nf4_dequantize: Callable
 
 
-def _norm_only(x, residual, weight, eps, lora_a):
-    """The reference path: the norm alone (t None), the projection computes x A^T as peft does."""
-    if residual is None:
-        return reference.rms_norm(x, weight, eps), x, None
-    return (*reference.add_rms_norm(x, residual, weight, eps), None)
-
-
 REFERENCE_OPS = Ops(
     name="PyTorch reference",
     embedding=reference.embedding,
     rms_norm=reference.rms_norm,
     add_rms_norm=reference.add_rms_norm,
-    rms_norm_lora_down=_norm_only,
+    rms_norm_lora_down=None,
     rope=reference.rope,
     rope_kv_cache=reference.rope_kv_cache,
     decode_attention=reference.decode_attention,

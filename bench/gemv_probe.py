@@ -23,7 +23,7 @@ from kernels import nf4_linear as gemv
 from kernels import reference
 
 
-def probe(bnb, bw, name, n, k, swiglu, rows_list) -> list[dict]:
+def probe(bnb, bw, name, n, k, swiglu, rows_list, fma_only=False) -> list[dict]:
     op = gemv.nf4_linear_swiglu if swiglu else gemv.nf4_linear
     ref_op = reference.nf4_linear_swiglu if swiglu else reference.nf4_linear
     n_out = n // 2 if swiglu else n
@@ -40,7 +40,7 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list) -> list[dict]:
             key = (x.device, n_out, k, triton.next_power_of_2(m), x.dtype, swiglu, 16 if lora else 0)
             want = ref_op(x, sets[0][0], sets[0][1], (n, k), *extra).float()
             results = []
-            for cfg in gemv._CONFIGS[key[3]]:
+            for cfg in [c for c in gemv._CONFIGS[key[3]] if not (fma_only and c[0] == "mma")]:
                 gemv._TUNED[key] = cfg
                 y = op(x, sets[0][0], sets[0][1], (n, k), *extra).float()
                 err = ((y - want).abs().max() / want.abs().max()).item()
@@ -62,8 +62,7 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list) -> list[dict]:
                 line += f" | mma {mma[0]:7.2f} us {pct(mma[0]):4.1f}% {mma[1][1:]} x{fma[0] / mma[0]:.2f}"
             print(line, f"| worst error {max(r[2] for r in results):.1e}", flush=True)
             for us, cfg, err in results:
-                if cfg[0] == "mma":
-                    print(f"    mma {cfg[1:]} {us:7.2f} us, error {err:.1e}")
+                print(f"    {cfg} {us:7.2f} us, error {err:.1e}")
                 rows.append(
                     {"shape": name, "rows": m, "lora": lora, "config": list(cfg), "us": round(us, 2),
                      "copy_fraction": round(pct(us) / 100, 3), "max_rel_error": err}
@@ -77,6 +76,7 @@ def main() -> None:
     parser.add_argument(
         "--shapes", nargs="+", default=[], help="NxK weights instead of Llama-3-8B's (4x gate/up: 57344x4096)"
     )
+    parser.add_argument("--fma", action="store_true", help="the FMA kernels' configs only, no MMA ones")
     args = parser.parse_args()
     import bitsandbytes as bnb
 
@@ -88,7 +88,7 @@ def main() -> None:
         cases = [(s, tuple(int(d) for d in s.split("x")), False) for s in args.shapes]
     rows = []
     for name, (n, k), swiglu in cases:
-        rows += probe(bnb, bw, name, n, k, swiglu, args.rows)
+        rows += probe(bnb, bw, name, n, k, swiglu, args.rows, args.fma)
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "configs": rows}))
 
 

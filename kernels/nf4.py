@@ -14,13 +14,20 @@ nibbles' values leave interleaved in one wide store. The code value is gathered 
 64-byte table, a single L1 line; at 2.5 bytes of traffic an element the gather is far from
 being the limit (bench/NOTES.md: 71% of the copy bandwidth on an H200).
 
-decode_words is the GEMV's decode: 8 nibbles of an int32 word to 8 exact fp32 code values.
-On the GPU a lane of every 16-lane half-warp holds one code value and `shfl.sync.idx` with
-a 16-lane segment (c = 0x101f) reads lane (q & 15) of the segment: one shuffle and one shift a
-value, no masking or address arithmetic (the segment mask drops the bits of q above the
-nibble). A table gather instead costs a 64-bit address a value, ~4 integer instructions
-(GPU.md: 6-7% of the bandwidth). The interpreter cannot run PTX, so there the same fp32
-values are gathered from the table.
+decode_words is the GEMV's decode: 8 nibbles of an int32 word to 8 fp32 code values, one of
+three ways (DECODE):
+- SHFL: exact fp32. A lane of every 16-lane half-warp holds one code value and `shfl.sync.idx`
+  with a 16-lane segment (c = 0x101f) reads lane (q & 15) of the segment: one shuffle and one
+  shift a value, no masking or address arithmetic (the segment mask drops the bits of q above
+  the nibble). A table gather instead costs a 64-bit address a value, ~4 integer instructions
+  (GPU.md: 6-7% of the bandwidth).
+- LUT: the codes rounded to fp16 (relative error <= 2^-12, against the 2^-9 of the bf16 weight
+  the reference multiplies). Each byte is one load from the shared byte table of
+  kernels.nf4_mma_block (fp16 pairs, 32 copies, one a bank: conflict-free), then two fp16 -> fp32
+  conversions: half a shared load and ~1 integer op a weight instead of one shuffle, whose pipe
+  bound the 1-row GEMV (bench/NOTES.md). The kernel fills the table first (lut_fill).
+- GATHER: the interpreter, which cannot run PTX: the same values (exact or fp16-rounded, as
+  the table passed) gathered from code_ptr.
 """
 
 from __future__ import annotations
@@ -55,23 +62,48 @@ def _shfl_decode_ptx() -> str:
     return "\n".join([*lines, "}"])
 
 
+def _lut_decode_ptx() -> str:
+    """PTX: the 4 bytes of word $9 -> the fp32 code values of its nibbles in $0..$7 (nibble m,
+    bits 4m..4m+3, in $m), each byte one load from the shared byte table nf4lut (fp16 pairs, the
+    high nibble's code in the low half) at column $8 (4 * lane)."""
+    lines = ["{", ".reg .b32 q, p, b;", ".reg .b16 h, l;", "mov.u32 b, nf4lut;"]
+    for i in range(4):  # byte i: nibbles 2i (low, in the entry's high half) and 2i + 1
+        lines += [
+            "shl.b32 q, $9, 7;" if i == 0 else f"shr.u32 q, $9, {8 * i - 7};",
+            "and.b32 q, q, 0x7F80;",
+            "or.b32 q, q, $8;",  # the lane's column, below bit 7: and + or is one LOP3
+            "add.u32 q, q, b;",  # the table's address: ptxas folds it into the load
+            "ld.shared.b32 p, [q];",
+            "mov.b32 {l, h}, p;",
+            f"cvt.f32.f16 ${2 * i}, h;",
+            f"cvt.f32.f16 ${2 * i + 1}, l;",
+        ]
+    return "\n".join([*lines, "}"])
+
+
 _BLOCK = tl.constexpr(NF4_BLOCKSIZE)
 _LANE_TABLE_PTX = tl.constexpr(_lane_table_ptx())
 _SHFL_DECODE_PTX = tl.constexpr(_shfl_decode_ptx())
+_LUT_DECODE_PTX = tl.constexpr(_lut_decode_ptx())
 
 
 @triton.jit
-def decode_words(w, code_ptr, SHUFFLE: tl.constexpr):
+def decode_words(w, code_ptr, lane, DECODE: tl.constexpr):
     """int32 words -> 8 fp32 tensors of w's shape: the code values of nibbles 0..7, low first.
 
-    SHUFFLE: warp-shuffle decode (GPU); else a gather from code_ptr (interpreter).
+    DECODE: 1 warp shuffle (GPU, exact), 2 the shared byte table (GPU, fp16-rounded codes; lane
+    is lut_fill's column offset, (1, 1)), 0 a gather from code_ptr (interpreter).
     """
-    if SHUFFLE:
+    if DECODE == 1:
         table = tl.inline_asm_elementwise(
             _LANE_TABLE_PTX, "=r,r", [tl.zeros((1, 1), tl.int32)], tl.float32, True, 1
         )
         return tl.inline_asm_elementwise(
             _SHFL_DECODE_PTX, "=r," * 8 + "r,r", [table, w], (tl.float32,) * 8, True, 1
+        )
+    elif DECODE == 2:
+        return tl.inline_asm_elementwise(
+            _LUT_DECODE_PTX, "=r," * 8 + "r,r", [lane, w], (tl.float32,) * 8, True, 1
         )
     else:
         return (

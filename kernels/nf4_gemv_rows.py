@@ -159,7 +159,8 @@ def _nf4_gemv_rows_kernel(
         w = tl.load(w_ptr + wrow + wcol, mask=wmask, other=0)  # (BKW, RB, 1)
         w = _transpose_words(w, BKW, RB, DECODE_SHFL)
         scale = tl.load(absmax_ptr + srow + chunk // 2, mask=smask, other=0.0)  # (BKW / 4, RB, 1)
-        c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, DECODE_SHFL)
+        # the shuffle (1) or the interpreter's gather (0)
+        c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, 0, 1 if DECODE_SHFL else 0)
         # Nibble 2i is the low nibble of byte i: the second element of its x pair.
         lo, hi = _x_pair(x_ptr, xrow, wcol, 0, xmask, X_KIND)  # (BKW, 1, MP)
         s = c1 * lo

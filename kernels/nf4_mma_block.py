@@ -18,6 +18,7 @@ reference, which rounds code * absmax once.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import torch
@@ -141,6 +142,43 @@ def mma_emulated(wg, wh, x0, x1, x2, x3, code_ptr, sg, sh, a0, a1, a2, a3, X_KIN
             a2 += tl.reshape(lo, (W * 32,)) * s
             a3 += tl.reshape(hi, (W * 32,)) * s
     return a0, a1, a2, a3
+
+
+_TABLE_READY: set[tuple] = set()  # (device, constexprs) of the kernels allow_table has set up
+_SHARED_SIZE_BYTES, _MAX_DYNAMIC_SHARED_SIZE_BYTES = 1, 8  # CUfunction_attribute
+
+
+def allow_table(kernel, grid: tuple, args: tuple, consts: dict, device: torch.device) -> None:
+    """Let the compiled `kernel` for `consts` (which fills the byte table: 32 KB of static shared
+    memory) take its Triton-managed (dynamic) shared memory too: a block may hold only 48 KB of
+    the two unless its function opts in, and Triton opts in only when its own share passes
+    48 KB, so a pipelined kernel with 32 + 20 KB failed to launch (invalid argument). Once per
+    compiled kernel: compiled here (warmup) if need be, then the attribute set. The key holds
+    what Triton specializes a compiled kernel on: the constexprs, and whether each pointer and
+    integer argument is a multiple of 16 (or is 1)."""
+    spec = tuple(
+        a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0)
+        for a in args
+        if isinstance(a, (torch.Tensor, int))
+    )
+    key = (device, spec, tuple(sorted(consts.items())))
+    if key in _TABLE_READY:
+        return
+    compiled = kernel.warmup(*args, grid=grid, **consts)
+    compiled._init_handles()
+    dynamic = compiled.metadata.shared
+    if dynamic:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        static = ctypes.c_int()
+        function = ctypes.c_void_p(compiled.function)
+        if cuda.cuFuncGetAttribute(ctypes.byref(static), _SHARED_SIZE_BYTES, function) != 0:
+            raise RuntimeError("cuFuncGetAttribute(SHARED_SIZE_BYTES) failed")
+        limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        if static.value + dynamic > limit:
+            raise triton.runtime.errors.OutOfResources(static.value + dynamic, limit, "shared memory")
+        if cuda.cuFuncSetAttribute(function, _MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic) != 0:
+            raise RuntimeError("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) failed")
+    _TABLE_READY.add(key)
 
 
 @triton.jit

@@ -37,17 +37,21 @@ from kernels import pdl
 from kernels.nf4_gemv_rows import CONFIGS as ROWS_CONFIGS
 from kernels.nf4_mma import CONFIGS as MMA_CONFIGS
 
-# (BN, BKW, num_warps, num_stages, programs per SM; 0: one program a tile) tried at the first
-# call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile configs are
-# the best of a 24-config sweep (bench/NOTES.md); the persistent ones are candidates the tuner
-# weighs against them. 4 and 8 rows (3-8 rows of x) run kernels.nf4_gemv_rows, with its configs.
-# Every row count also weighs kernels.nf4_mma (tensor cores; 16-bit x on sm_80+ only).
+# (BN, BKW, num_warps, num_stages, programs per SM (0: one program a tile), decode (0: warp
+# shuffle, exact; 1: shared byte table, fp16-rounded codes: kernels.nf4.decode_words)) tried at
+# the first call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile
+# shuffle configs are the best of a 24-config sweep (bench/NOTES.md); the persistent ones are
+# candidates the tuner weighs against them. 4 and 8 rows (3-8 rows of x) run
+# kernels.nf4_gemv_rows, with its configs. Every row count also weighs kernels.nf4_mma (tensor
+# cores; 16-bit x on sm_80+ only).
 CONFIGS = {
-    1: [(16, 128, 4, 3, 0), (16, 256, 4, 3, 0), (16, 64, 2, 3, 0), (16, 128, 8, 3, 0),
-        (8, 256, 2, 3, 0), (16, 128, 4, 3, 2), (16, 128, 4, 4, 2), (16, 256, 4, 3, 2),
-        (8, 128, 4, 3, 4), (8, 128, 2, 4, 6), (16, 128, 8, 3, 2)],
-    2: [(16, 128, 4, 3, 0), (8, 128, 4, 3, 0), (8, 256, 4, 3, 0), (16, 128, 4, 3, 2),
-        (8, 128, 4, 3, 4)],
+    1: [(16, 128, 4, 3, 0, 0), (16, 256, 4, 3, 0, 0), (16, 64, 2, 3, 0, 0), (16, 128, 8, 3, 0, 0),
+        (8, 256, 2, 3, 0, 0), (16, 128, 4, 3, 2, 0), (16, 128, 4, 4, 2, 0), (16, 256, 4, 3, 2, 0),
+        (8, 128, 4, 3, 4, 0), (8, 128, 2, 4, 6, 0), (16, 128, 8, 3, 2, 0),
+        (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (16, 128, 8, 3, 0, 1), (8, 256, 2, 3, 0, 1),
+        (16, 128, 4, 3, 2, 1), (32, 128, 4, 3, 0, 1), (32, 128, 8, 3, 0, 1)],
+    2: [(16, 128, 4, 3, 0, 0), (8, 128, 4, 3, 0, 0), (8, 256, 4, 3, 0, 0), (16, 128, 4, 3, 2, 0),
+        (8, 128, 4, 3, 4, 0), (16, 128, 4, 3, 0, 1), (8, 128, 4, 3, 0, 1)],
     4: ROWS_CONFIGS[4],
     8: ROWS_CONFIGS[8],
 }  # fmt: skip
@@ -231,7 +235,7 @@ def pick_config(
     fits = [c for c in candidates if c[0] == "mma" or c[1] <= max(8, triton.next_power_of_2(kw))]
     # the staged kernel takes a narrow K step; the rows kernel masks a wide one
     if not [c for c in fits if c[0] != "mma"]:
-        fits.append((candidates[0][0], 8, 4, 2, 0) if mp <= 2 else candidates[0])
+        fits.append((candidates[0][0], 8, 4, 2, 0, 0) if mp <= 2 else candidates[0])
     plain = [c for c in fits if c[0] != "mma" and (len(c) < 5 or c[4] == 0)]
     default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
     if not tuning_enabled() or torch.cuda.is_current_stream_capturing():

@@ -1,12 +1,13 @@
-"""A small simulator of the PTX the tensor-core NF4 GEMV emits (kernels/nf4_mma_block.py and
-kernels/nf4_mma_lora.py), so that CI runs the exact instruction strings a GPU runs, on 32 lanes.
+"""A small simulator of the PTX the NF4 GEMVs emit (kernels/nf4_mma_block.py, kernels/nf4_mma_lora.py
+and the byte-table decode of kernels/nf4.py), so that CI runs the exact instruction strings a GPU
+runs, on 32 lanes.
 
 The interpreter path of those kernels emulates what the PTX computes; this runs the PTX itself:
 the byte-table fill, the lane offsets, the table addressing and the MMA fragments. Only the
-subset the kernels use: mov (32-bit, and a 64-bit value split into a pair), shl / shr / and / or
-/ add / mad.lo on 32 bits, ld.shared.b32 and st.shared.v4.b32 on a byte-addressed shared array
-(the table symbol nf4lut at TABLE_ADDRESS: on sm_90 a CTA's first 1 KB of shared memory is
-reserved, so that is where the table sits, not at a 32 KB boundary),
+subset the kernels use: mov (32-bit, and a 64- or 32-bit value split into a pair), cvt.f32.f16,
+shl / shr / and / or / add / mad.lo on 32 bits, ld.shared.b32 and st.shared.v4.b32 on a
+byte-addressed shared array (the table symbol nf4lut at TABLE_ADDRESS: on sm_90 a CTA's first 1 KB
+of shared memory is reserved, so that is where the table sits, not at a 32 KB boundary),
 mma.sync.aligned.m16n8k16.row.col.f32 with f16 or bf16 operands (products and sums in fp64,
 fragments as the PTX ISA lays them out), fma.rn.f32 (in fp64). Registers are per lane; %laneid
 is the lane's index.
@@ -74,8 +75,14 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
                 lo, hi = _group(args[0])
                 v = value(lane, args[1])
                 r[lo], r[hi] = v & M32, (v >> 32) & M32
+            elif op == "mov.b32" and args[0].startswith("{"):  # a 32-bit value split into 16-bit halves
+                lo, hi = _group(args[0])
+                v = value(lane, args[1])
+                r[lo], r[hi] = v & 0xFFFF, (v >> 16) & 0xFFFF
             elif op in ("mov.u32", "mov.b32", "mov.f32"):
                 r[args[0]] = value(lane, args[1])
+            elif op == "cvt.f32.f16":
+                r[args[0]] = half_to_float(value(lane, args[1]), "f16")
             elif op == "shl.b32":
                 r[args[0]] = (value(lane, args[1]) << value(lane, args[2])) & M32
             elif op == "shr.u32":

@@ -1,4 +1,5 @@
-"""kernels/nf4.py (NF4 dequantization) against kernels/reference.py and bitsandbytes.
+"""kernels/nf4.py (NF4 dequantization, the GEMV's byte-table decode) against kernels/reference.py
+and bitsandbytes.
 
 Dequantization is one fp32 multiply then one cast, exactly as the reference and bitsandbytes'
 dequantize_4bit do, so every dtype must match bit for bit. The one exception is bf16 under
@@ -90,6 +91,32 @@ def test_dequantize_llama_size_exact_on_gpu():
         assert torch.equal(ours, reference.nf4_dequantize(packed, absmax, shape, dtype))
 
 
+def test_lut_decode_ptx_on_a_simulated_warp():
+    """The byte-table decode's PTX (kernels.nf4.decode_words, DECODE 2) on 32 simulated lanes
+    (tests/ptx_sim.py), after the table fill's own PTX: each lane's word gives the codes of its 8
+    nibbles, low nibble first, rounded to fp16."""
+    from ptx_sim import TABLE_ADDRESS
+    from ptx_sim import run as run_ptx
+
+    from kernels import nf4, nf4_mma_block
+
+    smem = bytearray(TABLE_ADDRESS + 32768)
+    table = nf4_mma_block.lut_words(torch.float16)
+    for i in range(0, 2048, 32):  # the fill's 2048 16-byte stores, a warp at a time
+        lanes = [{"$1": i + lane, "$2": table[(i + lane) // 8]} for lane in range(32)]
+        run_ptx(nf4_mma_block._LUT_STORE_PTX.value, lanes, smem, "f16")
+    offsets = [r["$0"] for r in run_ptx(nf4_mma_block._LUT_LANE_PTX.value, [{}] * 32, smem, "f16")]
+    code16 = torch.tensor(reference.NF4_CODE).half().float().tolist()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        words = torch.randint(0, 2**32, (32,), generator=gen, dtype=torch.int64).tolist()
+        lanes = [{"$8": offsets[lane], "$9": words[lane]} for lane in range(32)]
+        out = run_ptx(nf4._LUT_DECODE_PTX.value, lanes, smem, "f16")
+        for lane in range(32):
+            want = [code16[(words[lane] >> (4 * m)) & 15] for m in range(8)]
+            assert [out[lane][f"${m}"] for m in range(8)] == want, lane
+
+
 # Compiled for an sm_90 target without a GPU: the interpreter runs kernels as plain Python, so
 # it accepts what the compiler rejects (a non-constexpr global read inside a kernel once
 # passed every CPU test and failed every GPU one). Every kernel and loop shape of the NF4 files.
@@ -111,10 +138,10 @@ cases = [
     (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32", K="i32",
                              R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048, PDL=True)),
 ]
-for persistent in (False, True):
-    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, TSP=4, BN=16, BKW=128, X_KIND=2,
-                  SWIGLU=True, DECODE_SHFL=True, NUM_STAGES=3, PERSISTENT=persistent,
-                  PDL=True)))
+for persistent, decode, even in ((False, 1, True), (True, 1, False), (False, 2, False), (True, 2, True)):
+    cases.append((_nf4_gemv_kernel, dict(gemv, lut_ptr="*i32"), dict(MP=2, R=16, RP=16, TSP=4,
+                  BN=16, BKW=128, X_KIND=2, SWIGLU=True, DECODE=decode, EVEN=even, NUM_STAGES=3,
+                  PERSISTENT=persistent, PDL=True)))
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})

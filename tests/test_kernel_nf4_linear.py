@@ -101,10 +101,11 @@ def test_linear_matches_bitsandbytes(n, k, rows):
 
 
 @pytest.mark.parametrize("rows", sorted(gemv._CONFIGS))
-def test_every_tuner_config_matches_oracle(rows, monkeypatch):
+@pytest.mark.parametrize("n, k", [(2 * 37, 320), (2 * 64, 2048)])
+def test_every_tuner_config_matches_oracle(rows, n, k, monkeypatch):
     # The tuner may pick any candidate on some machine, so each one must be right: forced here
-    # one by one, with N not a multiple of any tile, partial K tiles, LoRA and SwiGLU.
-    n, k = 2 * 37, 320
+    # one by one, with LoRA and SwiGLU; N not a multiple of any tile and partial K tiles, then
+    # whole tiles and K steps (the loads without masks).
     packed, absmax, x, lora = _problem(n, k, rows, torch.bfloat16, 5, seed=rows)
     want = _oracle(x, packed, absmax, (n, k), lora, 0.5, True)
     for cfg in gemv._CONFIGS[rows]:
@@ -112,6 +113,23 @@ def test_every_tuner_config_matches_oracle(rows, monkeypatch):
         monkeypatch.setitem(gemv._TUNED, key, cfg)
         ours = gemv.nf4_linear_swiglu(x, packed, absmax, (n, k), *lora, lora_scale=0.5)
         torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_x_is_never_tuned_onto_fp16_codes(dtype, monkeypatch):
+    # The byte table rounds the codes to fp16, the tensor cores x too: fine for 16-bit x, not for
+    # fp32 x, which is held to 1e-5 on the GPU. The tuner must not be offered those configs.
+    offered = []
+
+    def record(key, n_out, kw, mp, launch, candidates, weights=()):
+        offered.extend(candidates)
+        return candidates[0]
+
+    monkeypatch.setattr(gemv, "pick_config", record)
+    packed, absmax, x, _ = _problem(16, 128, 1, dtype, 0, seed=4)
+    gemv.nf4_linear(x, packed, absmax, (16, 128))
+    tables = [c for c in offered if gemv._uses_table(c) or c[0] == "mma"]
+    assert offered and (not tables if dtype == torch.float32 else tables)
 
 
 @pytest.mark.parametrize("n, k, rows", [(33, 192, 1), (24, 3072, 2), (40, 4096, 5), (5, 123, 2)])

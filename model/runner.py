@@ -16,7 +16,9 @@ A short prefill is host-bound too (~1,100 launches for an 8B model, ~35 ms again
 kernels at 60 tokens), so prefills of up to PREFILL_GRAPH_TOKENS padded tokens replay a graph
 per (adapter, prompts, width) as well, the width rounded up to PREFILL_WIDTH_STEP. Both runners
 pad a CUDA prefill's width the same way, so graph and eager prefills run the same kernels on the
-same shapes and give the same logits. Longer prefills are kernel-bound and run eagerly.
+same shapes and give the same logits. Longer prefills run eagerly. At 1,000 tokens an eager
+prefill was still host-bound on a slower host (H100, session 13: 57.1 ms to the first token
+against 41-48 ms on other machines, the bf16 model 27 ms), so graphs go up to 1,024 tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ MIN_BUCKET = 256
 # (H200: 75 ms to the first token against 32 ms for the bf16 model).
 PREFILL_CHUNK = 2048
 PREFILL_WIDTH_STEP = 64  # a CUDA prefill's width is rounded up to this (graph keys stay few)
-PREFILL_GRAPH_TOKENS = 512  # padded prompt tokens (prompts x width) up to which a prefill replays a graph
+PREFILL_GRAPH_TOKENS = 1024  # padded prompt tokens (prompts x width) up to which a prefill replays a graph
 
 
 def attention_buckets(max_seq_len: int) -> list[int]:

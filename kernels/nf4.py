@@ -21,7 +21,7 @@ three ways (DECODE):
   shift a value, no masking or address arithmetic (the segment mask drops the bits of q above
   the nibble). A table gather instead costs a 64-bit address a value, ~4 integer instructions
   (GPU.md: 6-7% of the bandwidth).
-- LUT: the codes rounded to fp16 (relative error <= 2^-12, against the 2^-9 of the bf16 weight
+- LUT: the codes rounded to fp16 (relative error <= 2^-11, against the 2^-8 of the bf16 weight
   the reference multiplies). Each byte is one load from the shared byte table of
   kernels.nf4_mma_block (fp16 pairs, 32 copies, one a bank: conflict-free), then two fp16 -> fp32
   conversions: half a shared load and ~1 integer op a weight instead of one shuffle, whose pipe

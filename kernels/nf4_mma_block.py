@@ -1,6 +1,8 @@
 """One absmax block of the tensor-core NF4 GEMV (kernels/nf4_mma.py): a lane's loads for it, its
 PTX, the shared byte table it decodes through, and the interpreter's emulation of what that PTX
-computes from the same per-lane registers.
+computes from the same per-lane registers. The 1-2 row FMA GEMV (kernels/nf4_linear.py) decodes
+through the same table (kernels.nf4.decode_words); allow_table lets a kernel hold it next to
+Triton's own shared memory.
 
 A lane (g, t) holds, for one block of 64 k: 8 bytes of rows g and g + 8 (int64 each), the 4 int64
 of x its k-steps multiply (B's b0 in the low word, b1 in the high word, x row g), and the two
@@ -148,20 +150,26 @@ _TABLE_READY: set[tuple] = set()  # (device, constexprs) of the kernels allow_ta
 _SHARED_SIZE_BYTES, _MAX_DYNAMIC_SHARED_SIZE_BYTES = 1, 8  # CUfunction_attribute
 
 
+def specialization(args: tuple) -> tuple:
+    """What Triton tells compiled kernels apart by, besides the constexprs: each pointer's dtype
+    and 16-byte alignment; each integer's width, whether it is 1, whether a multiple of 16."""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, torch.Tensor)
+        else (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+        for a in args
+        if isinstance(a, (torch.Tensor, int)) and not isinstance(a, bool)
+    )
+
+
 def allow_table(kernel, grid: tuple, args: tuple, consts: dict, device: torch.device) -> None:
     """Let the compiled `kernel` for `consts` (which fills the byte table: 32 KB of static shared
     memory) take its Triton-managed (dynamic) shared memory too: a block may hold only 48 KB of
     the two unless its function opts in, and Triton opts in only when its own share passes
     48 KB, so a pipelined kernel with 32 + 20 KB failed to launch (invalid argument). Once per
-    compiled kernel: compiled here (warmup) if need be, then the attribute set. The key holds
-    what Triton specializes a compiled kernel on: the constexprs, and whether each pointer and
-    integer argument is a multiple of 16 (or is 1)."""
-    spec = tuple(
-        a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0)
-        for a in args
-        if isinstance(a, (torch.Tensor, int))
-    )
-    key = (device, spec, tuple(sorted(consts.items())))
+    compiled kernel (keyed by its constexprs and specialization): compiled here (warmup) if need
+    be, then the attribute set."""
+    key = (device, specialization(args), tuple(sorted(consts.items())))
     if key in _TABLE_READY:
         return
     compiled = kernel.warmup(*args, grid=grid, **consts)

@@ -425,3 +425,15 @@ def test_time_config_times_a_captured_launch_on_each_copy():
     assert 0 < ms < 1 and set(seen) == {w.data_ptr() for w, _ in copies}
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before + 2 * (1 << 20)  # the graph's outputs, freed or small
+
+
+def test_table_opt_in_tells_apart_what_triton_compiles_apart():
+    # allow_table sets the shared-memory opt-in once per compiled kernel; a key that merged two
+    # of Triton's specializations (an fp32 LoRA B next to a bf16 one) left the second kernel
+    # without it, and its launch failed on the GPU ("invalid argument").
+    spec = nf4_mma_block.specialization
+    bf16, fp32 = torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8)
+    assert spec((bf16, 4096)) != spec((fp32, 4096))
+    assert spec((bf16[1:], 4096)) != spec((bf16, 4096))  # 2-byte offset: not 16-byte aligned
+    assert spec((bf16, 1)) != spec((bf16, 2)) != spec((bf16, 16)) != spec((bf16, 2**31 + 16))
+    assert spec((bf16, 32, 0.5)) == spec((bf16, 48, 0.25))  # floats are not specialized

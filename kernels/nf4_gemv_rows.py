@@ -2,8 +2,8 @@
 
     y = x W^T + lora_scale * t B^T   (t = x A^T, computed by kernels.nf4_linear's small kernel)
 
-Same math and results as kernels.nf4_linear's GEMV (its reference: kernels.reference.nf4_linear),
-which serves 1-2 rows; nf4_linear dispatches here for more. Why a second kernel: that one stages
+Same math and results as kernels.nf4_gemv (its reference: kernels.reference.nf4_linear),
+which serves 1-2 rows; kernels.nf4_linear dispatches here for more. Why a second kernel: that one stages
 W and x through shared memory with cp.async, and with more rows its cost grows with the rows
 (bench/NOTES.md, H200: 8 rows 6.3x the 1-row step). Here each thread loads 16 bytes (4 words)
 of a weight row straight into registers, byte-transposes them 4 x 4 with 8 PRMTs so that byte i
@@ -134,7 +134,7 @@ def _nf4_gemv_rows_kernel(
     PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
 ):
     RB: tl.constexpr = BN * (1 + SWIGLU)
-    if R == 0:  # as kernels.nf4_linear's GEMV: with LoRA only t waits (kernels/pdl.py)
+    if R == 0:  # as kernels.nf4_gemv: with LoRA only t waits (kernels/pdl.py)
         pdl.wait(PDL)
         pdl.release(PDL)
     n, rows, rmask = tile_rows(tl.program_id(0), N_OUT, BN, SWIGLU)

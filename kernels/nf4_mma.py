@@ -2,7 +2,7 @@
 
     y = x W^T + lora_scale * t B^T   (t = x A^T: kernels.nf4_lora's partial sums)
 
-Same contract as kernels.nf4_linear's GEMV (reference: kernels.reference.nf4_linear), for fp16
+Same contract as kernels.nf4_gemv (reference: kernels.reference.nf4_linear), for fp16
 or bf16 x on sm_80 and later; kernels.nf4_linear's tuner weighs it against the FMA kernels for
 every row count. One warp-wide `mma.sync.m16n8k16` multiplies a 16-row x 16-k tile of W (operand
 A) by 16 k of up to 8 rows of x (operand B, one x row a column). With its fragments (PTX ISA),
@@ -77,7 +77,7 @@ def _nf4_mma_kernel(
     X_KIND: tl.constexpr,  # 1 fp16, 2 bf16
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
     ASM: tl.constexpr,  # PTX (GPU) or the emulation (interpreter)
-    PDL: tl.constexpr,  # programmatic dependent launch, as kernels.nf4_linear's GEMV
+    PDL: tl.constexpr,  # programmatic dependent launch, as kernels.nf4_gemv
 ):
     if R == 0:
         pdl.wait(PDL)

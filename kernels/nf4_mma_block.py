@@ -1,6 +1,6 @@
 """One absmax block of the tensor-core NF4 GEMV (kernels/nf4_mma.py): a lane's loads for it, its
 PTX, the shared byte table it decodes through, and the interpreter's emulation of what that PTX
-computes from the same per-lane registers. The 1-2 row FMA GEMV (kernels/nf4_linear.py) decodes
+computes from the same per-lane registers. The 1-2 row FMA GEMV (kernels/nf4_gemv.py) decodes
 through the same table (kernels.nf4.decode_words); allow_table lets a kernel hold it next to
 Triton's own shared memory.
 

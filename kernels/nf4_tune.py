@@ -1,4 +1,4 @@
-"""The NF4 GEMV's configurations and the tuner that picks one per shape (kernels/nf4_linear.py).
+"""The NF4 GEMVs' configurations and the tuner that picks one per shape (kernels/nf4_linear.py).
 
 Each shape (device, N, K, rows of x rounded up, dtype, SwiGLU, LoRA rank rounded up or 0) is
 timed once, outside CUDA-graph capture, over the candidates that fit its K; the fastest is kept

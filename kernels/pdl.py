@@ -5,7 +5,7 @@ before it in the stream has called `release` (griddepcontrol.launch_dependents),
 kernel exits; it then calls `wait` (griddepcontrol.wait), which returns when the previous kernel
 has finished and its writes are visible. A decode step is ~400 small kernels in a CUDA graph:
 PDL hides each one's launch latency, and lets the NF4 GEMV stream its weights while the LoRA
-down-projection launched just before it runs (kernels/nf4_linear.py).
+down-projection launched just before it runs (kernels/nf4_gemv.py).
 
 The rules every kernel here keeps, so that "finished" stays transitive along the stream (a
 kernel that has waited knows everything before its predecessor has finished too):

@@ -126,7 +126,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.nf4 import _nf4_dequantize_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
-from kernels.nf4_linear import _nf4_gemv_kernel
+from kernels.nf4_gemv import _nf4_gemv_kernel
 from kernels.nf4_lora import _lora_down_kernel
 
 gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.decode_attention import _decode_attention_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
-from kernels.nf4_linear import _nf4_gemv_kernel
+from kernels.nf4_gemv import _nf4_gemv_kernel
 from kernels.nf4_lora import _lora_down_kernel
 from kernels.nf4_mma import _nf4_mma_kernel
 from kernels.rmsnorm import _rms_norm_forward_kernel

@@ -12,7 +12,10 @@ BN up rows for SwiGLU) at a time:
 
 Each word is decoded by kernels.nf4.decode_words (per config: one warp shuffle a weight, exact
 fp32, or half a load a weight from a shared byte table of fp16-rounded codes), an FMA chain a
-word times its block's absmax goes to a per-word accumulator, reduced once per tile. The K loop
+word times its block's absmax goes to a per-word accumulator, reduced once per tile. HALF
+configs (16-bit x) keep the table's fp16 code pairs packed and multiply them with x * 2^-8 in
+fp16 pairs, one fused multiply-add per 2 weights, a word's 8 products summed in fp16 before the
+fp32 accumulator: 3.1-3.4 instructions a weight in the loop against 4.1-4.3 (SASS, sm_90). The K loop
 is software-pipelined (cp.async, tl.range num_stages), which also lands the x pairs in shared
 memory in the layout the FMAs need (without it Triton converted x's layout every step, 18-22
 barriers a step). With PERSISTENT a program walks a range of tiles in one flattened loop, so
@@ -22,7 +25,8 @@ to x's dtype.
 
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%. H100 (session 13): 54-62% on the large shapes; the byte
-table and unmasked loads (EVEN) took 2.5% off the GEMV's time a decode step. A plain read with
+table and unmasked loads (EVEN) took 2.5% off the GEMV's time a decode step; session 14's
+fp16 products 3-9% off each Llama shape (gate+up SwiGLU 35.8 -> 32.5 us, 67.6% of copy). A plain read with
 the same tiles and pipeline streams at 75-85% of copy, so the loop's instructions and their
 latency hold it, not the access pattern. Its cost grows with the rows of x (8 rows: 6.3x the
 1-row time), hence kernels.nf4_gemv_rows for 3-8 rows.
@@ -35,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_mma, pdl
-from kernels.nf4 import decode_words
+from kernels.nf4 import decode_pairs, decode_words, half_pair, hdot_word
 from kernels.nf4_gemv_rows import lora_t as sum_lora_t
 from kernels.nf4_gemv_rows import tile_rows
 from kernels.nf4_mma_block import allow_table, lut_fill
@@ -64,10 +68,11 @@ def _load_x_pair(x_ptr, xrow, wcol, i: tl.constexpr, mask, X_KIND: tl.constexpr)
 def _gemv_step(
     acc, x_ptr, w_ptr, absmax_ptr, code_ptr, lane, rows, rmask, xrow, mmask, w0, kw, kb,
     BKW: tl.constexpr, X_KIND: tl.constexpr, DECODE: tl.constexpr, EVEN: tl.constexpr,
+    HALF: tl.constexpr,
 ):  # fmt: skip
     """acc (MP, RB, BKW) += per word: absmax * sum of its 8 code * x products, words w0..
     EVEN: every tile row and K step is whole, so the weight loads need no masks (each masked
-    cp.async cost ~4 integer instructions)."""
+    cp.async cost ~4 integer instructions). HALF: the products and a word's sums in fp16."""
     NBLK: tl.constexpr = BKW // 8
     wcol = w0 + tl.arange(0, BKW)
     kmask = wcol < kw
@@ -82,6 +87,9 @@ def _gemv_step(
         bmask = rmask[:, None] & (bcol < kb)[None, :]
         scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :], mask=bmask, other=0.0)
         xmask = mmask & kmask[None, :]
+    if HALF:
+        sums = _half_word_sums(w, x_ptr, xrow, wcol, xmask, code_ptr, lane, X_KIND, DECODE)
+        return acc + sums * _word_scale(scale * HALF_X_SCALE_INV, w.shape)
     c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, lane, DECODE)
     # Nibble 2i is element 8w + 2i + 1 (low nibble of byte i), nibble 2i + 1 is 8w + 2i. One
     # FMA chain a word; its sum times the word's block scale goes to a per-word accumulator,
@@ -98,8 +106,53 @@ def _gemv_step(
     lo, hi = _load_x_pair(x_ptr, xrow, wcol[None, :], 3, xmask, X_KIND)
     s += c7[None, :, :] * lo[:, None, :]
     s += c6[None, :, :] * hi[:, None, :]
-    word_scale = tl.reshape(tl.broadcast_to(scale[:, :, None], scale.shape + (8,)), w.shape)
-    return acc + s * word_scale[None, :, :]
+    return acc + s * _word_scale(scale, w.shape)
+
+
+@triton.jit
+def _word_scale(scale, shape):
+    """(1, RB, BKW): each word's block scale, from the (RB, BKW // 8) block scales."""
+    return tl.reshape(tl.broadcast_to(scale[:, :, None], scale.shape + (8,)), shape)[None, :, :]
+
+
+HALF_X_SCALE = tl.constexpr(2.0**-8)  # x's scale into fp16 (see _half_word_sums)
+HALF_X_SCALE_INV = tl.constexpr(2.0**8)
+
+
+@triton.jit
+def _half_word_sums(w, x_ptr, xrow, wcol, xmask, code_ptr, lane, X_KIND: tl.constexpr, DECODE: tl.constexpr):
+    """(MP, RB, BKW) fp32: per word, the sum of its 8 code * x products computed in fp16, times 2^-8.
+
+    x times 2^-8 (exact) in fp16 keeps the products and a word's sums of 4 of them finite for
+    |x| up to ~2^21 (bf16 x; fp16 x is below 2^16 anyway); x below 2^-6 loses bits to fp16's
+    subnormals, an absolute 2^-16 at most. On the GPU the byte table's fp16 code pairs meet x's
+    fp16 pairs in one packed fused multiply-add per 2 weights (kernels.nf4.hdot_word); the
+    interpreter does the same sums unfused in fp16."""
+    lo0, hi0 = _load_x_pair(x_ptr, xrow, wcol[None, :], 0, xmask, X_KIND)
+    lo1, hi1 = _load_x_pair(x_ptr, xrow, wcol[None, :], 1, xmask, X_KIND)
+    lo2, hi2 = _load_x_pair(x_ptr, xrow, wcol[None, :], 2, xmask, X_KIND)
+    lo3, hi3 = _load_x_pair(x_ptr, xrow, wcol[None, :], 3, xmask, X_KIND)
+    if DECODE == 2:
+        p0, p1, p2, p3 = decode_pairs(w, lane)
+        return hdot_word(
+            p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :],
+            half_pair(lo0 * HALF_X_SCALE, hi0 * HALF_X_SCALE)[:, None, :],
+            half_pair(lo1 * HALF_X_SCALE, hi1 * HALF_X_SCALE)[:, None, :],
+            half_pair(lo2 * HALF_X_SCALE, hi2 * HALF_X_SCALE)[:, None, :],
+            half_pair(lo3 * HALF_X_SCALE, hi3 * HALF_X_SCALE)[:, None, :],
+        )  # fmt: skip
+    # element 8w + 2i is nibble 2i + 1 (code c(2i+1)), 8w + 2i + 1 nibble 2i: as the table pairs
+    c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, lane, DECODE)
+    h = tl.float16
+    s_lo = c1.to(h)[None, :, :] * (lo0 * HALF_X_SCALE).to(h)[:, None, :]
+    s_lo += c3.to(h)[None, :, :] * (lo1 * HALF_X_SCALE).to(h)[:, None, :]
+    s_lo += c5.to(h)[None, :, :] * (lo2 * HALF_X_SCALE).to(h)[:, None, :]
+    s_lo += c7.to(h)[None, :, :] * (lo3 * HALF_X_SCALE).to(h)[:, None, :]
+    s_hi = c0.to(h)[None, :, :] * (hi0 * HALF_X_SCALE).to(h)[:, None, :]
+    s_hi += c2.to(h)[None, :, :] * (hi1 * HALF_X_SCALE).to(h)[:, None, :]
+    s_hi += c4.to(h)[None, :, :] * (hi2 * HALF_X_SCALE).to(h)[:, None, :]
+    s_hi += c6.to(h)[None, :, :] * (hi3 * HALF_X_SCALE).to(h)[:, None, :]
+    return s_lo.to(tl.float32) + s_hi.to(tl.float32)
 
 
 @triton.jit
@@ -153,6 +206,7 @@ def _nf4_gemv_kernel(
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
     DECODE: tl.constexpr,  # kernels.nf4.decode_words: 1 shuffle, 2 byte table (GPU); 0 gather
     EVEN: tl.constexpr,  # N_OUT % BN == 0 and kw % BKW == 0: no load masks
+    HALF: tl.constexpr,  # fp16 codes times x * 2^-8 in fp16, a word's sums too (16-bit x only)
     NUM_STAGES: tl.constexpr,  # software pipeline depth of the loop
     PERSISTENT: tl.constexpr,  # a program walks a range of tiles in one pipelined loop
     PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
@@ -186,7 +240,7 @@ def _nf4_gemv_kernel(
             n, rows, rmask = tile_rows(t, N_OUT, BN, SWIGLU)
             acc = _gemv_step(
                 acc, x_ptr, w_ptr, absmax_ptr, code_ptr, lane, rows, rmask, xrow, mmask,
-                ks * BKW, kw, kb, BKW, X_KIND, DECODE, EVEN,
+                ks * BKW, kw, kb, BKW, X_KIND, DECODE, EVEN, HALF,
             )  # fmt: skip
             if ks == steps - 1:
                 _gemv_epilogue(
@@ -200,7 +254,7 @@ def _nf4_gemv_kernel(
         for w0 in tl.range(0, kw, BKW, num_stages=NUM_STAGES):
             acc = _gemv_step(
                 acc, x_ptr, w_ptr, absmax_ptr, code_ptr, lane, rows, rmask, xrow, mmask,
-                w0, kw, kb, BKW, X_KIND, DECODE, EVEN,
+                w0, kw, kb, BKW, X_KIND, DECODE, EVEN, HALF,
             )  # fmt: skip
         _gemv_epilogue(
             acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr, N_OUT,
@@ -209,8 +263,9 @@ def _nf4_gemv_kernel(
 
 
 def uses_table(cfg: tuple) -> bool:
-    """Whether a 1-2 row config decodes through the fp16 byte table (its last field)."""
-    return cfg[0] != "mma" and len(cfg) == 6 and cfg[5] == 1
+    """Whether a 1-2 row config decodes through the fp16 byte table (its last field: 1 fp32
+    products, 2 fp16 products)."""
+    return cfg[0] != "mma" and len(cfg) == 6 and cfg[5] > 0
 
 
 def launch_gemv(
@@ -233,8 +288,8 @@ def launch_gemv(
     consts = dict(
         MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)),
         TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), BN=bn, BKW=bkw,
-        X_KIND=x_kind, SWIGLU=swiglu, DECODE=0 if interpret else 1 + lut,
-        EVEN=n_out % bn == 0 and (k // 8) % bkw == 0,
+        X_KIND=x_kind, SWIGLU=swiglu, DECODE=0 if interpret else 1 + (lut > 0),
+        EVEN=n_out % bn == 0 and (k // 8) % bkw == 0, HALF=lut == 2,
         NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
         launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip

@@ -38,7 +38,8 @@ from kernels.nf4_gemv_rows import CONFIGS as ROWS_CONFIGS
 from kernels.nf4_mma import CONFIGS as MMA_CONFIGS
 
 # (BN, BKW, num_warps, num_stages, programs per SM (0: one program a tile), decode (0: warp
-# shuffle, exact; 1: shared byte table, fp16-rounded codes: kernels.nf4.decode_words)) tried at
+# shuffle, exact; 1: shared byte table, fp16-rounded codes: kernels.nf4.decode_words; 2: the
+# table's fp16 pairs times x in fp16, packed: kernels.nf4_gemv's HALF)) tried at
 # the first call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile
 # shuffle configs are the best of a 24-config sweep (bench/NOTES.md); the persistent ones are
 # candidates the tuner weighs against them; the table ones are those of 7 that came within 3% of
@@ -49,9 +50,12 @@ CONFIGS = {
     1: [(16, 128, 4, 3, 0, 0), (16, 256, 4, 3, 0, 0), (16, 64, 2, 3, 0, 0), (16, 128, 8, 3, 0, 0),
         (8, 256, 2, 3, 0, 0), (16, 128, 4, 3, 2, 0), (16, 128, 4, 4, 2, 0), (16, 256, 4, 3, 2, 0),
         (8, 128, 4, 3, 4, 0), (8, 128, 2, 4, 6, 0), (16, 128, 8, 3, 2, 0),
-        (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (16, 128, 8, 3, 0, 1)],
+        (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (16, 128, 8, 3, 0, 1),
+        (16, 128, 4, 3, 0, 2), (16, 256, 4, 3, 0, 2), (16, 128, 8, 3, 0, 2), (16, 64, 2, 3, 0, 2),
+        (16, 128, 4, 3, 2, 2)],
     2: [(16, 128, 4, 3, 0, 0), (8, 128, 4, 3, 0, 0), (8, 256, 4, 3, 0, 0), (16, 128, 4, 3, 2, 0),
-        (8, 128, 4, 3, 4, 0), (16, 128, 4, 3, 0, 1), (8, 128, 4, 3, 0, 1)],
+        (8, 128, 4, 3, 4, 0), (16, 128, 4, 3, 0, 1), (8, 128, 4, 3, 0, 1), (16, 128, 4, 3, 0, 2),
+        (8, 128, 4, 3, 0, 2)],
     4: ROWS_CONFIGS[4],
     8: ROWS_CONFIGS[8],
 }  # fmt: skip

@@ -9,14 +9,17 @@ shl / shr / and / or / add / mad.lo on 32 bits, ld.shared.b32 and st.shared.v4.b
 byte-addressed shared array (the table symbol nf4lut at TABLE_ADDRESS: on sm_90 a CTA's first 1 KB
 of shared memory is reserved, so that is where the table sits, not at a 32 KB boundary),
 mma.sync.aligned.m16n8k16.row.col.f32 with f16 or bf16 operands (products and sums in fp64,
-fragments as the PTX ISA lays them out), fma.rn.f32 (in fp64). Registers are per lane; %laneid
-is the lane's index.
+fragments as the PTX ISA lays them out), fma.rn.f32 and add.f32 (in fp64), and the packed fp16
+pair ops mul.rn.f16x2 / fma.rn.f16x2 (each half exact in fp64, then rounded to fp16 once) and
+cvt.rn.f16x2.f32. Registers are per lane; %laneid is the lane's index.
 """
 
 from __future__ import annotations
 
 import re
 import struct
+
+import numpy as np
 
 M32 = 0xFFFFFFFF
 TABLE_ADDRESS = 0x400  # where ptxas put nf4lut (SASS: UMOV UR4, 0x400), after the reserved 1 KB
@@ -27,6 +30,20 @@ def half_to_float(bits: int, kind: str) -> float:
     if kind == "f16":
         return struct.unpack("<e", struct.pack("<H", bits & 0xFFFF))[0]
     return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+def float_to_half_bits(v: float) -> int:
+    """fp32/fp64 value -> fp16 bits, round to nearest even (inf past fp16's range)."""
+    return int(np.array(v, dtype=np.float64).astype(np.float16).view(np.uint16))
+
+
+def _pairs(op, *operands: int) -> int:
+    """A packed fp16 pair op on 32-bit registers, half by half (low half first)."""
+    out = 0
+    for e in range(2):
+        values = [half_to_float(v >> 16 * e, "f16") for v in operands]
+        out |= float_to_half_bits(op(*values)) << 16 * e
+    return out
 
 
 def _statements(ptx: str) -> list[str]:
@@ -106,6 +123,16 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
                 smem[address : address + 16] = b"".join(w.to_bytes(4, "little") for w in words)
             elif op == "fma.rn.f32":
                 r[args[0]] = value(lane, args[1]) * value(lane, args[2]) + value(lane, args[3])
+            elif op == "add.f32":
+                r[args[0]] = value(lane, args[1]) + value(lane, args[2])
+            elif op == "mul.rn.f16x2":
+                r[args[0]] = _pairs(lambda a, b: a * b, value(lane, args[1]), value(lane, args[2]))
+            elif op == "fma.rn.f16x2":
+                operands = [value(lane, a) for a in args[1:4]]
+                r[args[0]] = _pairs(lambda a, b, c: a * b + c, *operands)
+            elif op == "cvt.rn.f16x2.f32":  # d = {a (high half), b (low half)}
+                hi, lo = value(lane, args[1]), value(lane, args[2])
+                r[args[0]] = float_to_half_bits(lo) | float_to_half_bits(hi) << 16
             else:
                 raise ValueError(f"not simulated: {line}")
     return regs

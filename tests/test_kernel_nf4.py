@@ -117,6 +117,46 @@ def test_lut_decode_ptx_on_a_simulated_warp():
             assert [out[lane][f"${m}"] for m in range(8)] == want, lane
 
 
+def test_fp16_pair_products_ptx_on_a_simulated_warp():
+    """The fp16 path of the 1-2 row GEMV (kernels.nf4: decode_pairs, half_pair, hdot_word) as
+    PTX on 32 simulated lanes: each byte's table entry meets the fp16 pair of x it multiplies
+    (element 8w + 2i in the low halves), so a word's sum is within fp16 rounding of the exact
+    sum of its 8 code * x products, for x across fp16's range (times 2^-8, as the GEMV scales)."""
+    from ptx_sim import TABLE_ADDRESS
+    from ptx_sim import run as run_ptx
+
+    from kernels import nf4, nf4_mma_block
+
+    smem = bytearray(TABLE_ADDRESS + 32768)
+    table = nf4_mma_block.lut_words(torch.float16)
+    for i in range(0, 2048, 32):
+        lanes = [{"$1": i + lane, "$2": table[(i + lane) // 8]} for lane in range(32)]
+        run_ptx(nf4_mma_block._LUT_STORE_PTX.value, lanes, smem, "f16")
+    offsets = [r["$0"] for r in run_ptx(nf4_mma_block._LUT_LANE_PTX.value, [{}] * 32, smem, "f16")]
+    code16 = torch.tensor(reference.NF4_CODE).half().double()
+    gen = torch.Generator().manual_seed(5)
+    for magnitude in (1e-2, 1.0, 3e3):
+        words = torch.randint(0, 2**32, (32,), generator=gen, dtype=torch.int64).tolist()
+        x = (torch.randn(32, 8, generator=gen, dtype=torch.float64) * magnitude * 2**-8).tolist()
+        lanes = [{"$4": offsets[lane], "$5": words[lane]} for lane in range(32)]
+        pairs = run_ptx(nf4._LUT_PAIRS_PTX.value, lanes, smem, "f16")
+        lanes = [{"$1": x[lane][2 * i], "$2": x[lane][2 * i + 1]} for lane in range(32) for i in range(4)]
+        xh = [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[:32], smem, "f16")]
+        xh += [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[32:64], smem, "f16")]
+        xh += [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[64:96], smem, "f16")]
+        xh += [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[96:], smem, "f16")]
+        lanes = [{f"${1 + i}": pairs[lane][f"${i}"] for i in range(4)} for lane in range(32)]
+        for lane in range(32):
+            lanes[lane].update({f"${5 + i}": xh[4 * lane + i] for i in range(4)})
+        out = run_ptx(nf4._HFMA_WORD_PTX.value, lanes, smem, "f16")
+        for lane in range(32):
+            # element 8w + j is nibble j ^ 1 (the high nibble of byte j // 2 comes first)
+            c = [code16[(words[lane] >> (4 * (j ^ 1))) & 15].item() for j in range(8)]
+            exact = sum(c[j] * x[lane][j] for j in range(8))
+            scale = sum(abs(c[j] * x[lane][j]) for j in range(8))
+            assert abs(out[lane]["$0"] - exact) <= 2**-9 * scale + 2**-24 * 8, (magnitude, lane)
+
+
 # Compiled for an sm_90 target without a GPU: the interpreter runs kernels as plain Python, so
 # it accepts what the compiler rejects (a non-constexpr global read inside a kernel once
 # passed every CPU test and failed every GPU one). Every kernel and loop shape of the NF4 files.
@@ -138,10 +178,12 @@ cases = [
     (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32", K="i32",
                              R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048, PDL=True)),
 ]
-for persistent, decode, even in ((False, 1, True), (True, 1, False), (False, 2, False), (True, 2, True)):
+gemv_variants = ((False, 1, True, False), (True, 1, False, False), (False, 2, False, False),
+                 (True, 2, True, True), (False, 2, True, True))
+for persistent, decode, even, half in gemv_variants:
     cases.append((_nf4_gemv_kernel, dict(gemv, lut_ptr="*i32"), dict(MP=2, R=16, RP=16, TSP=4,
-                  BN=16, BKW=128, X_KIND=2, SWIGLU=True, DECODE=decode, EVEN=even, NUM_STAGES=3,
-                  PERSISTENT=persistent, PDL=True)))
+                  BN=16, BKW=128, X_KIND=2, SWIGLU=True, DECODE=decode, EVEN=even, HALF=half,
+                  NUM_STAGES=3, PERSISTENT=persistent, PDL=True)))
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})

@@ -116,6 +116,32 @@ def test_every_tuner_config_matches_oracle(rows, n, k, monkeypatch):
         torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
 
 
+@pytest.mark.parametrize(
+    "dtype, magnitude",  # fp16 x this large would overflow y itself
+    [(torch.float16, 2e-3), (torch.float16, 1.0), (torch.bfloat16, 2e-3), (torch.bfloat16, 1e4)],
+)
+def test_fp16_products_hold_across_the_range_of_x(dtype, magnitude, monkeypatch):
+    # The fp16 path scales x by 2^-8 into fp16 and sums a word's products there: tiny x (fp16's
+    # subnormals) and large x (overflow past 65504 without the scale) must stay within the
+    # output dtype's rounding, as the fp32 path does. Without the scale a word's sum of products
+    # of x near 6e4 (fp16's largest is 65504) would be inf.
+    n, k, rows = 48, 4096, 1
+    packed, absmax, x, lora = _problem(n, k, rows, dtype, 16, seed=13)
+    x = (x.float() * k**0.5 * magnitude).to(dtype)  # entries ~N(0, magnitude)
+    if magnitude > 1:
+        x[0, :64] = 6e4  # one block all near fp16's largest value
+    want = _oracle(x, packed, absmax, (n, k), lora, 0.5, False)
+    half = [c for c in gemv._CONFIGS[1] if c[0] != "mma" and c[5] == 2]
+    assert half
+    for cfg in half:
+        monkeypatch.setitem(gemv._TUNED, (x.device, n, k, rows, x.dtype, False, 16), cfg)
+        ours = gemv.nf4_linear(x, packed, absmax, (n, k), *lora, lora_scale=0.5).double()
+        assert torch.isfinite(ours).all(), cfg
+        scale = want.abs().max()
+        torch.testing.assert_close(ours / scale, want / scale, atol=8e-3, rtol=0, msg=str(cfg))
+        assert ((ours - want).norm() / want.norm()).item() < 6e-3, cfg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp32_x_is_never_tuned_onto_fp16_codes(dtype, monkeypatch):
     # The byte table rounds the codes to fp16, the tensor cores x too: fine for 16-bit x, not for

@@ -43,7 +43,8 @@ from kernels.nf4_mma import CONFIGS as MMA_CONFIGS
 # the first call of each shape; 2 rows get smaller tiles to stay in registers. The one-tile
 # shuffle configs are the best of a 24-config sweep (bench/NOTES.md); the persistent ones are
 # candidates the tuner weighs against them; the table ones are those of 7 that came within 3% of
-# the best on some Llama shape (H100, session 13). 4 and 8 rows (3-8 rows of x) run
+# the best on some Llama shape (H100, session 13); the fp16 ones are those of 16 swept that
+# were fastest or within 1% of it on some shape (H100, session 14). 4 and 8 rows (3-8 rows of x) run
 # kernels.nf4_gemv_rows, with its configs. Every row count also weighs kernels.nf4_mma (tensor
 # cores; 16-bit x on sm_80+ only).
 CONFIGS = {
@@ -51,11 +52,11 @@ CONFIGS = {
         (8, 256, 2, 3, 0, 0), (16, 128, 4, 3, 2, 0), (16, 128, 4, 4, 2, 0), (16, 256, 4, 3, 2, 0),
         (8, 128, 4, 3, 4, 0), (8, 128, 2, 4, 6, 0), (16, 128, 8, 3, 2, 0),
         (16, 128, 4, 3, 0, 1), (16, 256, 4, 3, 0, 1), (16, 128, 8, 3, 0, 1),
-        (16, 128, 4, 3, 0, 2), (16, 256, 4, 3, 0, 2), (16, 128, 8, 3, 0, 2), (16, 64, 2, 3, 0, 2),
-        (16, 128, 4, 3, 2, 2)],
+        (16, 64, 2, 3, 0, 2), (16, 64, 4, 3, 0, 2), (16, 128, 4, 3, 0, 2), (16, 256, 4, 3, 0, 2),
+        (8, 128, 2, 3, 0, 2), (32, 64, 4, 3, 0, 2)],
     2: [(16, 128, 4, 3, 0, 0), (8, 128, 4, 3, 0, 0), (8, 256, 4, 3, 0, 0), (16, 128, 4, 3, 2, 0),
         (8, 128, 4, 3, 4, 0), (16, 128, 4, 3, 0, 1), (8, 128, 4, 3, 0, 1), (16, 128, 4, 3, 0, 2),
-        (8, 128, 4, 3, 0, 2)],
+        (16, 64, 2, 3, 0, 2), (8, 128, 2, 3, 0, 2)],
     4: ROWS_CONFIGS[4],
     8: ROWS_CONFIGS[8],
 }  # fmt: skip

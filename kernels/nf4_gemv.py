@@ -20,8 +20,8 @@ is software-pipelined (cp.async, tl.range num_stages), which also lands the x pa
 memory in the layout the FMAs need (without it Triton converted x's layout every step, 18-22
 barriers a step). With PERSISTENT a program walks a range of tiles in one flattened loop, so
 the pipeline does not drain between tiles. LoRA: each tile adds lora_scale * B[n, :] . t in its
-epilogue; SwiGLU combines the gate and up rows there too. All sums are fp32; y is rounded once
-to x's dtype.
+epilogue; SwiGLU combines the gate and up rows there too. All sums are fp32 (HALF: past a
+word's 8 products); y is rounded once to x's dtype.
 
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%. H100 (session 13): 54-62% on the large shapes; the byte

@@ -5,6 +5,21 @@ from __future__ import annotations
 
 import torch
 
+ARGMAX_CHUNK = 256  # elements a first-pass maximum covers
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of a 2-D x, the same index (the first maximum), in two passes when the
+    rows are long: each chunk's maximum and its index, then the first chunk with the largest.
+    On a GPU torch reduces one long row (128,256 logits) in one block: 28 us a token on an H100
+    (bench/NOTES.md, session 14); chunks spread the first pass over the GPU."""
+    rows, v = x.shape
+    if v % ARGMAX_CHUNK or v < 4 * ARGMAX_CHUNK:
+        return x.argmax(dim=-1)
+    best, where = x.view(rows, v // ARGMAX_CHUNK, ARGMAX_CHUNK).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (chunk * ARGMAX_CHUNK + where.gather(-1, chunk)).squeeze(-1)
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty as transformers applies it: scores of seen tokens / penalty if > 0 else * penalty.
@@ -69,7 +84,7 @@ def sample(
     """The next token of each row, (B,) int64."""
     logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     scores, index = candidates(logits / temperature, top_k, top_p)
     choice = draw(scores.softmax(dim=-1), generator)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
@@ -82,4 +97,4 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     queued behind this one (model/scheduler.py). Softmax output needs no check; logits that
     are NaN (a broken model) give some token instead of an error, as greedy always did."""
     race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+    return argmax_rows(probs / race)[:, None]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.runner import PREFILL_CHUNK, Runner
-from model.sampling import sample
+from model.sampling import argmax_rows, sample
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class Scheduler:
         rows without a penalty take one argmax together, the others sample one by one. The
         tokens join the seen record (read only by rows with a penalty, reset at their start)."""
         if all(row.request.temperature == 0 and row.request.repetition_penalty == 1 for row in rows):
-            tokens = logits.index_select(0, slots).argmax(dim=-1)
+            tokens = argmax_rows(logits.index_select(0, slots))
         else:
             tokens = torch.cat([self.pick(row, logits[row.slot]) for row in rows])
         self.seen.index_put_((slots, tokens), self.true)

@@ -288,6 +288,24 @@ def test_draw_is_torch_multinomial_without_its_host_checks():
         assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [128256, 49152, 1000, 300])
+def test_two_pass_argmax_is_torch_argmax(dtype, vocab):
+    """Greedy decoding's argmax in two passes picks torch's token, the first maximum, ties
+    included (bf16 logits tie often; here a few levels only, and rows whose maximum repeats)."""
+    from model.sampling import argmax_rows
+
+    gen = torch.Generator().manual_seed(vocab)
+    for levels in (3, 50, None):
+        x = torch.randn(5, vocab, generator=gen)
+        if levels:
+            x = (x * levels / 4).round()
+        x = x.to(dtype)
+        x[1, 7 * vocab // 8 :] = x[1].max()  # the maximum in the last chunks only
+        x[2] = x[2].max()  # every entry the maximum
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), levels
+
+
 def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(tiny_folder, monkeypatch):
     """The first chunk of a prefill is causal attention without a mask (flash attention on a GPU),
     a later chunk attends through the mask with the K/V heads repeated: both give one result."""

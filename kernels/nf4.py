@@ -15,7 +15,7 @@ nibbles' values leave interleaved in one wide store. The code value is gathered 
 being the limit (bench/NOTES.md: 71% of the copy bandwidth on an H200).
 
 decode_words is the GEMV's decode: 8 nibbles of an int32 word to 8 fp32 code values, one of
-three ways (DECODE):
+three ways (DECODE; kernels.nf4_half keeps the byte table's fp16 pairs packed instead):
 - SHFL: exact fp32. A lane of every 16-lane half-warp holds one code value and `shfl.sync.idx`
   with a 16-lane segment (c = 0x101f) reads lane (q & 15) of the segment: one shuffle and one
   shift a value, no masking or address arithmetic (the segment mask drops the bits of q above
@@ -26,8 +26,6 @@ three ways (DECODE):
   kernels.nf4_mma_block (fp16 pairs, 32 copies, one a bank: conflict-free), then two fp16 -> fp32
   conversions: half a shared load and ~1 integer op a weight instead of one shuffle, whose pipe
   bound the 1-row GEMV (bench/NOTES.md). The kernel fills the table first (lut_fill).
-- PAIRS (decode_pairs, with half_pair and hdot_word): the table's entries themselves, fp16 code
-  pairs multiplied with x's fp16 pairs in packed fused multiply-adds (kernels.nf4_gemv, HALF).
 - GATHER: the interpreter, which cannot run PTX: the same values (exact or fp16-rounded, as
   the table passed) gathered from code_ptr.
 """
@@ -83,35 +81,10 @@ def _lut_decode_ptx() -> str:
     return "\n".join([*lines, "}"])
 
 
-def _lut_pairs_ptx() -> str:
-    """PTX: the 4 bytes of word $5 -> their byte-table entries in $0..$3 (fp16 pairs, element
-    8w + 2i in the low half of $i, 8w + 2i + 1 in the high half), column $4 (4 * lane)."""
-    lines = ["{", ".reg .b32 q, b;", "mov.u32 b, nf4lut;"]
-    for i in range(4):
-        lines += [
-            "shl.b32 q, $5, 7;" if i == 0 else f"shr.u32 q, $5, {8 * i - 7};",
-            "and.b32 q, q, 0x7F80;",
-            "or.b32 q, q, $4;",
-            "add.u32 q, q, b;",
-            f"ld.shared.b32 ${i}, [q];",
-        ]
-    return "\n".join([*lines, "}"])
-
-
-# sum_i c_i . x_i over a word's 4 fp16 pairs (products and sums in fp16, fused), then the two
-# halves to fp32 and added: $0 = float(s.lo) + float(s.hi)
-_HFMA_WORD_PTX = tl.constexpr(
-    "{\n.reg .b32 s;\n.reg .b16 l, h;\n.reg .f32 a, b;\n"
-    "mul.rn.f16x2 s, $1, $5;\nfma.rn.f16x2 s, $2, $6, s;\nfma.rn.f16x2 s, $3, $7, s;\n"
-    "fma.rn.f16x2 s, $4, $8, s;\nmov.b32 {l, h}, s;\ncvt.f32.f16 a, l;\ncvt.f32.f16 b, h;\n"
-    "add.f32 $0, a, b;\n}"
-)
-_F16X2_PTX = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")  # (lo, hi) fp32 -> fp16 pair
 _BLOCK = tl.constexpr(NF4_BLOCKSIZE)
 _LANE_TABLE_PTX = tl.constexpr(_lane_table_ptx())
 _SHFL_DECODE_PTX = tl.constexpr(_shfl_decode_ptx())
 _LUT_DECODE_PTX = tl.constexpr(_lut_decode_ptx())
-_LUT_PAIRS_PTX = tl.constexpr(_lut_pairs_ptx())
 
 
 @triton.jit
@@ -143,28 +116,6 @@ def decode_words(w, code_ptr, lane, DECODE: tl.constexpr):
             tl.load(code_ptr + ((w >> 24) & 15)),
             tl.load(code_ptr + ((w >> 28) & 15)),
         )
-
-
-@triton.jit
-def decode_pairs(w, lane):
-    """int32 words -> 4 int32 tensors of w's shape: the byte table's fp16 code pairs of bytes 0..3
-    (GPU only; lane as for decode_words)."""
-    return tl.inline_asm_elementwise(_LUT_PAIRS_PTX, "=r,=r,=r,=r,r,r", [lane, w], (tl.int32,) * 4, True, 1)
-
-
-@triton.jit
-def half_pair(lo, hi):
-    """fp32 (lo, hi) -> one int32 holding them as fp16, lo in the low half (GPU only)."""
-    return tl.inline_asm_elementwise(_F16X2_PTX, "=r,r,r", [lo, hi], tl.int32, True, 1)
-
-
-@triton.jit
-def hdot_word(c0, c1, c2, c3, x0, x1, x2, x3):
-    """sum over a word's 4 fp16 pairs of c_i * x_i in fp16 (fused), the halves added in fp32 (GPU
-    only). The broadcast shape of the arguments."""
-    return tl.inline_asm_elementwise(
-        _HFMA_WORD_PTX, "=r" + ",r" * 8, [c0, c1, c2, c3, x0, x1, x2, x3], tl.float32, True, 1
-    )
 
 
 @triton.jit

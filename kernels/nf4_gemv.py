@@ -14,8 +14,9 @@ Each word is decoded by kernels.nf4.decode_words (per config: one warp shuffle a
 fp32, or half a load a weight from a shared byte table of fp16-rounded codes), an FMA chain a
 word times its block's absmax goes to a per-word accumulator, reduced once per tile. HALF
 configs (16-bit x) keep the table's fp16 code pairs packed and multiply them with x * 2^-8 in
-fp16 pairs, one fused multiply-add per 2 weights, a word's 8 products summed in fp16 before the
-fp32 accumulator: 3.1-3.4 instructions a weight in the loop against 4.1-4.3 (SASS, sm_90). The K loop
+fp16 pairs, one fused multiply-add per 2 weights, two words' 16 products summed in fp16 before
+the fp32 accumulator (kernels/nf4_half.py): 2.8-3.2 instructions a weight in the loop against
+4.1-4.3. The K loop
 is software-pipelined (cp.async, tl.range num_stages), which also lands the x pairs in shared
 memory in the layout the FMAs need (without it Triton converted x's layout every step, 18-22
 barriers a step). With PERSISTENT a program walks a range of tiles in one flattened loop, so
@@ -26,8 +27,8 @@ word's 8 products); y is rounded once to x's dtype.
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%. H100 (session 13): 54-62% on the large shapes; the byte
 table and unmasked loads (EVEN) took 2.5% off the GEMV's time a decode step; session 14's
-fp16 products 3-9% off each Llama shape (gate+up SwiGLU 35.8 -> 32.5 us, 67.6% of copy). A plain read with
-the same tiles and pipeline streams at 75-85% of copy, so the loop's instructions and their
+fp16 products 5-13% off each Llama shape (gate+up SwiGLU 35.8 -> 31.1 us, 70.8% of copy). A
+plain read with the same tiles and pipeline streams at 75-85% of copy, so the loop's instructions and their
 latency hold it, not the access pattern. Its cost grows with the rows of x (8 rows: 6.3x the
 1-row time), hence kernels.nf4_gemv_rows for 3-8 rows.
 """
@@ -38,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import nf4_mma, pdl
-from kernels.nf4 import decode_pairs, decode_words, half_pair, hdot_word
+from kernels import nf4_half, nf4_mma, pdl
+from kernels.nf4 import decode_words
 from kernels.nf4_gemv_rows import lora_t as sum_lora_t
 from kernels.nf4_gemv_rows import tile_rows
 from kernels.nf4_mma_block import allow_table, lut_fill
@@ -72,7 +73,8 @@ def _gemv_step(
 ):  # fmt: skip
     """acc (MP, RB, BKW) += per word: absmax * sum of its 8 code * x products, words w0..
     EVEN: every tile row and K step is whole, so the weight loads need no masks (each masked
-    cp.async cost ~4 integer instructions). HALF: the products and a word's sums in fp16."""
+    cp.async cost ~4 integer instructions). HALF: acc (MP, RB, BKW // 2), a column per pair of
+    words, their 16 products and sums in fp16."""
     NBLK: tl.constexpr = BKW // 8
     wcol = w0 + tl.arange(0, BKW)
     kmask = wcol < kw
@@ -87,9 +89,23 @@ def _gemv_step(
         bmask = rmask[:, None] & (bcol < kb)[None, :]
         scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :], mask=bmask, other=0.0)
         xmask = mmask & kmask[None, :]
-    if HALF:
-        sums = _half_word_sums(w, x_ptr, xrow, wcol, xmask, code_ptr, lane, X_KIND, DECODE)
-        return acc + sums * _word_scale(scale * HALF_X_SCALE_INV, w.shape)
+    if HALF:  # (Triton would trace code after a return here too: an else, not a return)
+        lo0, hi0 = _load_x_pair(x_ptr, xrow, wcol[None, :], 0, xmask, X_KIND)
+        lo1, hi1 = _load_x_pair(x_ptr, xrow, wcol[None, :], 1, xmask, X_KIND)
+        lo2, hi2 = _load_x_pair(x_ptr, xrow, wcol[None, :], 2, xmask, X_KIND)
+        lo3, hi3 = _load_x_pair(x_ptr, xrow, wcol[None, :], 3, xmask, X_KIND)
+        sums = nf4_half.pair_sums(w, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, code_ptr, lane, DECODE)
+        acc += sums * _word_scale(scale * nf4_half.X_SCALE_INV, sums.shape[1:], 4)
+    else:
+        acc += _word_sums(w, x_ptr, xrow, wcol, xmask, code_ptr, lane, X_KIND, DECODE) * _word_scale(
+            scale, w.shape, 8
+        )
+    return acc
+
+
+@triton.jit
+def _word_sums(w, x_ptr, xrow, wcol, xmask, code_ptr, lane, X_KIND: tl.constexpr, DECODE: tl.constexpr):
+    """(MP, RB, BKW) fp32: per word, the sum of its 8 code * x products."""
     c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, lane, DECODE)
     # Nibble 2i is element 8w + 2i + 1 (low nibble of byte i), nibble 2i + 1 is 8w + 2i. One
     # FMA chain a word; its sum times the word's block scale goes to a per-word accumulator,
@@ -106,53 +122,14 @@ def _gemv_step(
     lo, hi = _load_x_pair(x_ptr, xrow, wcol[None, :], 3, xmask, X_KIND)
     s += c7[None, :, :] * lo[:, None, :]
     s += c6[None, :, :] * hi[:, None, :]
-    return acc + s * _word_scale(scale, w.shape)
+    return s
 
 
 @triton.jit
-def _word_scale(scale, shape):
-    """(1, RB, BKW): each word's block scale, from the (RB, BKW // 8) block scales."""
-    return tl.reshape(tl.broadcast_to(scale[:, :, None], scale.shape + (8,)), shape)[None, :, :]
-
-
-HALF_X_SCALE = tl.constexpr(2.0**-8)  # x's scale into fp16 (see _half_word_sums)
-HALF_X_SCALE_INV = tl.constexpr(2.0**8)
-
-
-@triton.jit
-def _half_word_sums(w, x_ptr, xrow, wcol, xmask, code_ptr, lane, X_KIND: tl.constexpr, DECODE: tl.constexpr):
-    """(MP, RB, BKW) fp32: per word, the sum of its 8 code * x products computed in fp16, times 2^-8.
-
-    x times 2^-8 (exact) in fp16 keeps the products and a word's sums of 4 of them finite for
-    |x| up to ~2^21 (bf16 x; fp16 x is below 2^16 anyway); x below 2^-6 loses bits to fp16's
-    subnormals, an absolute 2^-16 at most. On the GPU the byte table's fp16 code pairs meet x's
-    fp16 pairs in one packed fused multiply-add per 2 weights (kernels.nf4.hdot_word); the
-    interpreter does the same sums unfused in fp16."""
-    lo0, hi0 = _load_x_pair(x_ptr, xrow, wcol[None, :], 0, xmask, X_KIND)
-    lo1, hi1 = _load_x_pair(x_ptr, xrow, wcol[None, :], 1, xmask, X_KIND)
-    lo2, hi2 = _load_x_pair(x_ptr, xrow, wcol[None, :], 2, xmask, X_KIND)
-    lo3, hi3 = _load_x_pair(x_ptr, xrow, wcol[None, :], 3, xmask, X_KIND)
-    if DECODE == 2:
-        p0, p1, p2, p3 = decode_pairs(w, lane)
-        return hdot_word(
-            p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :],
-            half_pair(lo0 * HALF_X_SCALE, hi0 * HALF_X_SCALE)[:, None, :],
-            half_pair(lo1 * HALF_X_SCALE, hi1 * HALF_X_SCALE)[:, None, :],
-            half_pair(lo2 * HALF_X_SCALE, hi2 * HALF_X_SCALE)[:, None, :],
-            half_pair(lo3 * HALF_X_SCALE, hi3 * HALF_X_SCALE)[:, None, :],
-        )  # fmt: skip
-    # element 8w + 2i is nibble 2i + 1 (code c(2i+1)), 8w + 2i + 1 nibble 2i: as the table pairs
-    c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, lane, DECODE)
-    h = tl.float16
-    s_lo = c1.to(h)[None, :, :] * (lo0 * HALF_X_SCALE).to(h)[:, None, :]
-    s_lo += c3.to(h)[None, :, :] * (lo1 * HALF_X_SCALE).to(h)[:, None, :]
-    s_lo += c5.to(h)[None, :, :] * (lo2 * HALF_X_SCALE).to(h)[:, None, :]
-    s_lo += c7.to(h)[None, :, :] * (lo3 * HALF_X_SCALE).to(h)[:, None, :]
-    s_hi = c0.to(h)[None, :, :] * (hi0 * HALF_X_SCALE).to(h)[:, None, :]
-    s_hi += c2.to(h)[None, :, :] * (hi1 * HALF_X_SCALE).to(h)[:, None, :]
-    s_hi += c4.to(h)[None, :, :] * (hi2 * HALF_X_SCALE).to(h)[:, None, :]
-    s_hi += c6.to(h)[None, :, :] * (hi3 * HALF_X_SCALE).to(h)[:, None, :]
-    return s_lo.to(tl.float32) + s_hi.to(tl.float32)
+def _word_scale(scale, shape, PER_BLOCK: tl.constexpr):
+    """(1,) + shape: each accumulator column's block scale, from the (RB, blocks) block scales;
+    PER_BLOCK columns a block (8 words, or 4 word pairs)."""
+    return tl.reshape(tl.broadcast_to(scale[:, :, None], scale.shape + (PER_BLOCK,)), shape)[None, :, :]
 
 
 @triton.jit
@@ -226,7 +203,8 @@ def _nf4_gemv_kernel(
     xrow = (xm * stride_xm)[:, None]
     yrow = (xm * stride_ym)[:, None]
     mmask = (xm < M)[:, None]
-    acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
+    ACC_W: tl.constexpr = BKW // 2 if HALF else BKW  # HALF: a column a pair of words
+    acc = tl.zeros((MP, RB, ACC_W), dtype=tl.float32)
     if PERSISTENT:
         # Tiles t0..t1 and all their K steps as one loop: the pipeline keeps loading across
         # tile boundaries instead of draining and refilling at every tile.
@@ -247,7 +225,7 @@ def _nf4_gemv_kernel(
                     acc, n, rows, rmask, xm, M, mmask, yrow, t_ptr, T_SPLITS, b_ptr, y_ptr,
                     N_OUT, lora_scale, MP, R, RP, TSP, BN, SWIGLU, PDL,
                 )  # fmt: skip
-                acc = tl.zeros((MP, RB, BKW), dtype=tl.float32)
+                acc = tl.zeros((MP, RB, ACC_W), dtype=tl.float32)
         pdl.wait(PDL)  # every program waits, even one without a tile (kernels/pdl.py, rule 1)
     else:
         n, rows, rmask = tile_rows(pid, N_OUT, BN, SWIGLU)

@@ -10,8 +10,8 @@ byte-addressed shared array (the table symbol nf4lut at TABLE_ADDRESS: on sm_90 
 of shared memory is reserved, so that is where the table sits, not at a 32 KB boundary),
 mma.sync.aligned.m16n8k16.row.col.f32 with f16 or bf16 operands (products and sums in fp64,
 fragments as the PTX ISA lays them out), fma.rn.f32 and add.f32 (in fp64), and the packed fp16
-pair ops mul.rn.f16x2 / fma.rn.f16x2 (each half exact in fp64, then rounded to fp16 once) and
-cvt.rn.f16x2.f32. Registers are per lane; %laneid is the lane's index.
+pair ops mul.rn.f16x2 / fma.rn.f16x2 (each half exact in fp64, then rounded to fp16 once),
+add.rn.f16 and cvt.rn.f16x2.f32. Registers are per lane; %laneid is the lane's index.
 """
 
 from __future__ import annotations
@@ -130,6 +130,9 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
             elif op == "fma.rn.f16x2":
                 operands = [value(lane, a) for a in args[1:4]]
                 r[args[0]] = _pairs(lambda a, b, c: a * b + c, *operands)
+            elif op == "add.rn.f16":  # 16-bit registers (halves split off by mov.b32 {l, h})
+                a, b = (half_to_float(value(lane, v), "f16") for v in args[1:3])
+                r[args[0]] = float_to_half_bits(a + b)
             elif op == "cvt.rn.f16x2.f32":  # d = {a (high half), b (low half)}
                 hi, lo = value(lane, args[1]), value(lane, args[2])
                 r[args[0]] = float_to_half_bits(lo) | float_to_half_bits(hi) << 16

@@ -118,14 +118,14 @@ def test_lut_decode_ptx_on_a_simulated_warp():
 
 
 def test_fp16_pair_products_ptx_on_a_simulated_warp():
-    """The fp16 path of the 1-2 row GEMV (kernels.nf4: decode_pairs, half_pair, hdot_word) as
-    PTX on 32 simulated lanes: each byte's table entry meets the fp16 pair of x it multiplies
-    (element 8w + 2i in the low halves), so a word's sum is within fp16 rounding of the exact
-    sum of its 8 code * x products, for x across fp16's range (times 2^-8, as the GEMV scales)."""
+    """The fp16 path of the 1-2 row GEMV (kernels/nf4_half.py) as PTX on 32 simulated lanes:
+    each byte's table entry meets the fp16 pair of x it multiplies (element 8w + 2i in the low
+    halves), so two words' sum is within fp16 rounding of the exact sum of their 16 code * x
+    products, for x across fp16's range (times 2^-8, as the GEMV does)."""
     from ptx_sim import TABLE_ADDRESS
     from ptx_sim import run as run_ptx
 
-    from kernels import nf4, nf4_mma_block
+    from kernels import nf4_half, nf4_mma_block
 
     smem = bytearray(TABLE_ADDRESS + 32768)
     table = nf4_mma_block.lut_words(torch.float16)
@@ -136,25 +136,25 @@ def test_fp16_pair_products_ptx_on_a_simulated_warp():
     code16 = torch.tensor(reference.NF4_CODE).half().double()
     gen = torch.Generator().manual_seed(5)
     for magnitude in (1e-2, 1.0, 3e3):
-        words = torch.randint(0, 2**32, (32,), generator=gen, dtype=torch.int64).tolist()
-        x = (torch.randn(32, 8, generator=gen, dtype=torch.float64) * magnitude * 2**-8).tolist()
-        lanes = [{"$4": offsets[lane], "$5": words[lane]} for lane in range(32)]
-        pairs = run_ptx(nf4._LUT_PAIRS_PTX.value, lanes, smem, "f16")
-        lanes = [{"$1": x[lane][2 * i], "$2": x[lane][2 * i + 1]} for lane in range(32) for i in range(4)]
-        xh = [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[:32], smem, "f16")]
-        xh += [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[32:64], smem, "f16")]
-        xh += [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[64:96], smem, "f16")]
-        xh += [r["$0"] for r in run_ptx(nf4._F16X2_PTX.value, lanes[96:], smem, "f16")]
-        lanes = [{f"${1 + i}": pairs[lane][f"${i}"] for i in range(4)} for lane in range(32)]
+        words = torch.randint(0, 2**32, (32, 2), generator=gen, dtype=torch.int64).tolist()
+        x = (torch.randn(32, 16, generator=gen, dtype=torch.float64) * magnitude * 2**-8).tolist()
+        codes, xs = [{} for _ in range(32)], [{} for _ in range(32)]
+        for word in range(2):  # table pairs and x pairs of each lane's two words
+            lanes = [{"$4": offsets[lane], "$5": words[lane][word]} for lane in range(32)]
+            for lane, regs in enumerate(run_ptx(nf4_half._LUT_PAIRS_PTX.value, lanes, smem, "f16")):
+                codes[lane].update({f"${1 + 4 * word + i}": regs[f"${i}"] for i in range(4)})
+            for i in range(4):
+                j = 8 * word + 2 * i
+                lanes = [{"$1": x[lane][j], "$2": x[lane][j + 1]} for lane in range(32)]
+                for lane, regs in enumerate(run_ptx(nf4_half._F16X2_PTX.value, lanes, smem, "f16")):
+                    xs[lane][f"${9 + 4 * word + i}"] = regs["$0"]
+        out = run_ptx(nf4_half._HFMA_PAIR_PTX.value, [{**codes[i], **xs[i]} for i in range(32)], smem, "f16")
         for lane in range(32):
-            lanes[lane].update({f"${5 + i}": xh[4 * lane + i] for i in range(4)})
-        out = run_ptx(nf4._HFMA_WORD_PTX.value, lanes, smem, "f16")
-        for lane in range(32):
-            # element 8w + j is nibble j ^ 1 (the high nibble of byte j // 2 comes first)
-            c = [code16[(words[lane] >> (4 * (j ^ 1))) & 15].item() for j in range(8)]
-            exact = sum(c[j] * x[lane][j] for j in range(8))
-            scale = sum(abs(c[j] * x[lane][j]) for j in range(8))
-            assert abs(out[lane]["$0"] - exact) <= 2**-9 * scale + 2**-24 * 8, (magnitude, lane)
+            # element 8w + j of a word is nibble j ^ 1 (a byte's high nibble comes first)
+            c = [code16[(words[lane][j // 8] >> (4 * (j % 8 ^ 1))) & 15].item() for j in range(16)]
+            exact = sum(c[j] * x[lane][j] for j in range(16))
+            scale = sum(abs(c[j] * x[lane][j]) for j in range(16))
+            assert abs(out[lane]["$0"] - exact) <= 2**-8 * scale + 2**-24 * 16, (magnitude, lane)
 
 
 # Compiled for an sm_90 target without a GPU: the interpreter runs kernels as plain Python, so

@@ -13,7 +13,7 @@ BN up rows for SwiGLU) at a time:
 Each word is decoded by kernels.nf4.decode_words (per config: one warp shuffle a weight, exact
 fp32, or half a load a weight from a shared byte table of fp16-rounded codes), an FMA chain a
 word times its block's absmax goes to a per-word accumulator, reduced once per tile. HALF
-configs (16-bit x) keep the table's fp16 code pairs packed and multiply them with x * 2^-8 in
+configs (16-bit x) keep the table's fp16 code pairs packed and multiply them with x * 2^-4 in
 fp16 pairs, one fused multiply-add per 2 weights, two words' 16 products summed in fp16 before
 the fp32 accumulator (kernels/nf4_half.py): 2.8-3.2 instructions a weight in the loop against
 4.1-4.3. The K loop
@@ -22,7 +22,7 @@ memory in the layout the FMAs need (without it Triton converted x's layout every
 barriers a step). With PERSISTENT a program walks a range of tiles in one flattened loop, so
 the pipeline does not drain between tiles. LoRA: each tile adds lora_scale * B[n, :] . t in its
 epilogue; SwiGLU combines the gate and up rows there too. All sums are fp32 (HALF: past a
-word's 8 products); y is rounded once to x's dtype.
+pair of words' 16 products); y is rounded once to x's dtype.
 
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%. H100 (session 13): 54-62% on the large shapes; the byte
@@ -183,7 +183,7 @@ def _nf4_gemv_kernel(
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
     DECODE: tl.constexpr,  # kernels.nf4.decode_words: 1 shuffle, 2 byte table (GPU); 0 gather
     EVEN: tl.constexpr,  # N_OUT % BN == 0 and kw % BKW == 0: no load masks
-    HALF: tl.constexpr,  # fp16 codes times x * 2^-8 in fp16, a word's sums too (16-bit x only)
+    HALF: tl.constexpr,  # fp16 codes times x * 2^-4 in fp16, a pair of words' sums too (16-bit x)
     NUM_STAGES: tl.constexpr,  # software pipeline depth of the loop
     PERSISTENT: tl.constexpr,  # a program walks a range of tiles in one pipelined loop
     PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
@@ -246,6 +246,11 @@ def uses_table(cfg: tuple) -> bool:
     return cfg[0] != "mma" and len(cfg) == 6 and cfg[5] > 0
 
 
+def uses_half(cfg: tuple) -> bool:
+    """Whether a 1-2 row config multiplies in fp16 (kernels/nf4_half.py; 16-bit x, sm_80+)."""
+    return cfg[0] != "mma" and len(cfg) == 6 and cfg[5] == 2
+
+
 def launch_gemv(
     cfg, xv, words, scales, code, t, b, y, m, n_out, k, lora_scale, x_kind, swiglu, interpret,
     use_pdl=False,
@@ -253,6 +258,8 @@ def launch_gemv(
     """One launch of the kernel above for config cfg (kernels.nf4_tune.CONFIGS[1 or 2]); t and b
     None without LoRA; code the exact fp32 code table; other arguments as in the kernel."""
     bn, bkw, warps, stages, per_sm, lut = cfg
+    if lut and x_kind == 0:
+        raise ValueError(f"config {cfg} rounds the codes to fp16: not for fp32 x")
     rank = 0 if t is None else t.shape[2]
     codes, table = code, scales
     if lut:  # codes rounded to fp16: the byte table (GPU), the rounded code table (interpreter)

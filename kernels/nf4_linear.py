@@ -24,7 +24,7 @@ import triton
 
 from kernels import nf4_mma, pdl
 from kernels.nf4 import nf4_dequantize
-from kernels.nf4_gemv import launch_gemv, uses_table
+from kernels.nf4_gemv import launch_gemv, uses_half, uses_table
 from kernels.nf4_gemv_rows import launch_gemv_rows
 from kernels.nf4_lora import lora_down
 from kernels.nf4_tune import CONFIGS as _CONFIGS
@@ -113,7 +113,11 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
     key = (x.device, n_out, k, mp, x.dtype, swiglu, triton.next_power_of_2(rank) if rank else 0)
     mma = x_kind > 0 and (interpreting() or nf4_mma.supported(x.device))  # 16-bit x, sm_80+
     byte_table = x_kind > 0  # fp32 x keeps exact fp32 codes: no fp16 byte table (nor tensor cores)
-    candidates = [c for c in _CONFIGS[mp] if (mma or c[0] != "mma") and (byte_table or not uses_table(c))]
+    # fp16 products (uses_half) convert x with cvt.rn.f16x2.f32: sm_80+, like the MMA kernel
+    candidates = [
+        c for c in _CONFIGS[mp]
+        if (mma or c[0] != "mma") and (byte_table or not uses_table(c)) and (mma or not uses_half(c))
+    ]  # fmt: skip
     launch(pick_config(key, n_out, k // 8, mp, launch, candidates, (words, scales)))
     return y.reshape(*x.shape[:-1], n_out)
 

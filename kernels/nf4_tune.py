@@ -238,10 +238,11 @@ def pick_config(
     if key in TUNED:
         return TUNED[key]
     fits = [c for c in candidates if c[0] == "mma" or c[1] <= max(8, triton.next_power_of_2(kw))]
-    # the staged kernel takes a narrow K step; the rows kernel masks a wide one
-    if not [c for c in fits if c[0] != "mma"]:
-        fits.append((candidates[0][0], 8, 4, 2, 0, 0) if mp <= 2 else candidates[0])
-    plain = [c for c in fits if c[0] != "mma" and (len(c) < 5 or c[4] == 0)]
+    # the default: one program a tile and exact fp32 codes (no byte table, no fp16 products)
+    plain = [c for c in fits if c[0] != "mma" and (len(c) < 5 or c[4] == 0) and (len(c) < 6 or c[5] == 0)]
+    if not plain:  # the staged kernel takes a narrow K step; the rows kernel masks a wide one
+        plain = [(candidates[0][0], 8, 4, 2, 0, 0) if mp <= 2 else candidates[0]]
+        fits.append(plain[0])
     default = next((c for c in plain if triton.cdiv(n_out, c[0]) >= 264), min(plain))
     if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
         return default

@@ -9,7 +9,7 @@ shl / shr / and / or / add / mad.lo on 32 bits, ld.shared.b32 and st.shared.v4.b
 byte-addressed shared array (the table symbol nf4lut at TABLE_ADDRESS: on sm_90 a CTA's first 1 KB
 of shared memory is reserved, so that is where the table sits, not at a 32 KB boundary),
 mma.sync.aligned.m16n8k16.row.col.f32 with f16 or bf16 operands (products and sums in fp64,
-fragments as the PTX ISA lays them out), fma.rn.f32 and add.f32 (in fp64), and the packed fp16
+fragments as the PTX ISA lays them out), fma.rn.f32 (in fp64), and the packed fp16
 pair ops mul.rn.f16x2 / fma.rn.f16x2 (each half exact in fp64, then rounded to fp16 once),
 add.rn.f16 and cvt.rn.f16x2.f32. Registers are per lane; %laneid is the lane's index.
 """
@@ -123,8 +123,6 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
                 smem[address : address + 16] = b"".join(w.to_bytes(4, "little") for w in words)
             elif op == "fma.rn.f32":
                 r[args[0]] = value(lane, args[1]) * value(lane, args[2]) + value(lane, args[3])
-            elif op == "add.f32":
-                r[args[0]] = value(lane, args[1]) + value(lane, args[2])
             elif op == "mul.rn.f16x2":
                 r[args[0]] = _pairs(lambda a, b: a * b, value(lane, args[1]), value(lane, args[2]))
             elif op == "fma.rn.f16x2":

@@ -121,15 +121,15 @@ def test_every_tuner_config_matches_oracle(rows, n, k, monkeypatch):
     [(torch.float16, 2e-3), (torch.float16, 1.0), (torch.bfloat16, 2e-3), (torch.bfloat16, 1e4)],
 )
 def test_fp16_products_hold_across_the_range_of_x(dtype, magnitude, monkeypatch):
-    # The fp16 path scales x by 2^-8 into fp16 and sums a word's products there: tiny x (fp16's
-    # subnormals) and large x (overflow past 65504 without the scale) must stay within the
-    # output dtype's rounding, as the fp32 path does. Without the scale a word's sum of products
-    # of x near 6e4 (fp16's largest is 65504) would be inf.
+    # The fp16 path scales x by 2^-4 into fp16 and sums a pair of words' 16 products there: tiny
+    # x (fp16's subnormals) and large x must stay within the bounds the fp32 path keeps (bf16
+    # output: its rounding dominates; fp16: a few times 2^-11). Without the scale the sum of 16
+    # products of x near 6e4 (fp16's largest is 65504) would be inf.
     n, k, rows = 48, 4096, 1
     packed, absmax, x, lora = _problem(n, k, rows, dtype, 16, seed=13)
     x = (x.float() * k**0.5 * magnitude).to(dtype)  # entries ~N(0, magnitude)
     if magnitude > 1:
-        x[0, :64] = 6e4  # one block all near fp16's largest value
+        x[0, 0, :64] = 6e4  # one block all near fp16's largest value
     want = _oracle(x, packed, absmax, (n, k), lora, 0.5, False)
     half = [c for c in gemv._CONFIGS[1] if c[0] != "mma" and c[5] == 2]
     assert half

@@ -254,8 +254,11 @@ def test_tuner_offers_the_mma_kernel_for_16_bit_x_and_any_rows(monkeypatch):
     ]
 
 
-def test_no_mma_candidate_before_sm80(monkeypatch):
+@pytest.mark.parametrize("rows", [4, 1])
+def test_no_mma_candidate_before_sm80(rows, monkeypatch):
+    # nor an fp16-product one (kernels/nf4_half.py converts x with cvt.rn.f16x2.f32, sm_80+)
     from kernels import nf4_linear
+    from kernels.nf4_gemv import uses_half
 
     offered = []
     monkeypatch.setattr(nf4_linear, "interpreting", lambda: False)  # as on a GPU
@@ -265,9 +268,23 @@ def test_no_mma_candidate_before_sm80(monkeypatch):
         nf4_linear, "pick_config", lambda key, n, kw, mp, launch, c, w: offered.append(c) or c[0]
     )
     monkeypatch.setattr(nf4_linear, "launch_gemv_rows", lambda *args: None)
+    monkeypatch.setattr(nf4_linear, "launch_gemv", lambda *args: None)
     packed = torch.zeros(32 * 64 // 2, dtype=torch.uint8)
-    nf4_linear.nf4_linear(torch.randn(4, 64, dtype=torch.bfloat16), packed, torch.ones(32), (32, 64))
-    assert offered and not any(c[0] == "mma" for c in offered[0])
+    nf4_linear.nf4_linear(torch.randn(rows, 64, dtype=torch.bfloat16), packed, torch.ones(32), (32, 64))
+    assert offered and not any(c[0] == "mma" or uses_half(c) for c in offered[0])
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n_out, kw", [(1024, 512), (4096, 1792), (14336, 512), (40, 8), (40, 64)])
+def test_untuned_default_keeps_exact_codes(rows, n_out, kw, monkeypatch):
+    """Without timing (tuning off, graph capture, the interpreter) the GEMV runs a default: one
+    program a tile and exact fp32 codes, never the byte table's fp16 codes or fp16 products."""
+    from kernels import nf4_tune
+
+    monkeypatch.setattr(nf4_tune, "tuning_enabled", lambda: False)
+    key = ("default-test", n_out, 8 * kw, rows)
+    cfg = nf4_tune.pick_config(key, n_out, kw, rows, None, nf4_tune.CONFIGS[rows])
+    assert cfg[0] != "mma" and cfg[4] == 0 and cfg[5] == 0, cfg
 
 
 def test_tuner_skips_a_config_that_does_not_compile(monkeypatch):

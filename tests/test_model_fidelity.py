@@ -281,8 +281,9 @@ def test_off_the_cpu_top_k_filters_the_whole_vocabulary():
 def test_draw_is_torch_multinomial_without_its_host_checks():
     """Sampling draws as torch.multinomial(probs, 1) does (same token, same generator use, so seeds
     give the tokens they gave), without the checks that read the probabilities on the host."""
-    for seed in range(50):
-        probs = (3 * torch.randn(2, 3000, generator=torch.Generator().manual_seed(seed))).softmax(-1)
+    for seed in range(50):  # 3000 tokens: argmax in one pass; 4096: in two (model.sampling.argmax_rows)
+        size = 3000 if seed % 2 else 4096
+        probs = (3 * torch.randn(2, size, generator=torch.Generator().manual_seed(seed))).softmax(-1)
         ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         assert torch.equal(draw(probs, ours), torch.multinomial(probs, 1, generator=theirs))
         assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
@@ -297,12 +298,14 @@ def test_two_pass_argmax_is_torch_argmax(dtype, vocab):
 
     gen = torch.Generator().manual_seed(vocab)
     for levels in (3, 50, None):
-        x = torch.randn(5, vocab, generator=gen)
+        x = torch.randn(6, vocab, generator=gen)
         if levels:
             x = (x * levels / 4).round()
         x = x.to(dtype)
-        x[1, 7 * vocab // 8 :] = x[1].max()  # the maximum in the last chunks only
+        x[1, 7 * vocab // 8 :] = x[1].max() + 1  # the maximum, repeated, in the last chunks only
         x[2] = x[2].max()  # every entry the maximum
+        x[3, vocab // 3 :: 7] = float("nan")  # torch takes the first NaN
+        x[4, 5] = float("inf")
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), levels
 
 

@@ -62,18 +62,26 @@ def _shfl_decode_ptx() -> str:
     return "\n".join([*lines, "}"])
 
 
+def lut_load_ptx(i: int, word: str, lane: str, dest: str) -> list[str]:
+    """PTX lines loading byte i of `word`'s entry of the shared byte table nf4lut (fp16 pairs, the
+    high nibble's code in the low half) at column `lane` (4 * lane) into `dest`; registers q
+    (b32) and b (b32, holding nf4lut's address) are the caller's."""
+    return [
+        f"shl.b32 q, {word}, 7;" if i == 0 else f"shr.u32 q, {word}, {8 * i - 7};",
+        "and.b32 q, q, 0x7F80;",
+        f"or.b32 q, q, {lane};",  # the lane's column, below bit 7: and + or is one LOP3
+        "add.u32 q, q, b;",  # the table's address: ptxas folds it into the load
+        f"ld.shared.b32 {dest}, [q];",
+    ]
+
+
 def _lut_decode_ptx() -> str:
     """PTX: the 4 bytes of word $9 -> the fp32 code values of its nibbles in $0..$7 (nibble m,
     bits 4m..4m+3, in $m), each byte one load from the shared byte table nf4lut (fp16 pairs, the
     high nibble's code in the low half) at column $8 (4 * lane)."""
     lines = ["{", ".reg .b32 q, p, b;", ".reg .b16 h, l;", "mov.u32 b, nf4lut;"]
     for i in range(4):  # byte i: nibbles 2i (low, in the entry's high half) and 2i + 1
-        lines += [
-            "shl.b32 q, $9, 7;" if i == 0 else f"shr.u32 q, $9, {8 * i - 7};",
-            "and.b32 q, q, 0x7F80;",
-            "or.b32 q, q, $8;",  # the lane's column, below bit 7: and + or is one LOP3
-            "add.u32 q, q, b;",  # the table's address: ptxas folds it into the load
-            "ld.shared.b32 p, [q];",
+        lines += lut_load_ptx(i, "$9", "$8", "p") + [
             "mov.b32 {l, h}, p;",
             f"cvt.f32.f16 ${2 * i}, h;",
             f"cvt.f32.f16 ${2 * i + 1}, l;",

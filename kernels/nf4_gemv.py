@@ -16,21 +16,20 @@ word times its block's absmax goes to a per-word accumulator, reduced once per t
 configs (16-bit x) keep the table's fp16 code pairs packed and multiply them with x * 2^-4 in
 fp16 pairs, one fused multiply-add per 2 weights, two words' 16 products summed in fp16 before
 the fp32 accumulator (kernels/nf4_half.py): 2.8-3.2 instructions a weight in the loop against
-4.1-4.3. The K loop
-is software-pipelined (cp.async, tl.range num_stages), which also lands the x pairs in shared
-memory in the layout the FMAs need (without it Triton converted x's layout every step, 18-22
-barriers a step). With PERSISTENT a program walks a range of tiles in one flattened loop, so
-the pipeline does not drain between tiles. LoRA: each tile adds lora_scale * B[n, :] . t in its
-epilogue; SwiGLU combines the gate and up rows there too. All sums are fp32 (HALF: past a
-pair of words' 16 products); y is rounded once to x's dtype.
+4.1-4.3. The K loop is software-pipelined (cp.async, tl.range num_stages), which also lands the
+x pairs in shared memory in the layout the FMAs need (without it Triton converted x's layout
+every step, 18-22 barriers a step). With PERSISTENT a program walks a range of tiles in one
+flattened loop, so the pipeline does not drain between tiles. LoRA: each tile adds lora_scale *
+B[n, :] . t in its epilogue; SwiGLU combines the gate and up rows there too. All sums are fp32
+(HALF: past a pair of words' 16 products); y is rounded once to x's dtype.
 
 Measured (bench/NOTES.md, H200, copy 4.25 TB/s): 40-46% of the copy bandwidth on the Llama
 shapes against bitsandbytes' 23-24%. H100 (session 13): 54-62% on the large shapes; the byte
-table and unmasked loads (EVEN) took 2.5% off the GEMV's time a decode step; session 14's
-fp16 products 5-13% off each Llama shape (gate+up SwiGLU 35.8 -> 31.1 us, 70.8% of copy). A
-plain read with the same tiles and pipeline streams at 75-85% of copy, so the loop's instructions and their
-latency hold it, not the access pattern. Its cost grows with the rows of x (8 rows: 6.3x the
-1-row time), hence kernels.nf4_gemv_rows for 3-8 rows.
+table and unmasked loads (EVEN) took 2.5% off the GEMV's time a decode step; session 14's fp16
+products 5-13% off each Llama shape (gate+up SwiGLU 35.8 -> 31.1 us, 70.8% of copy). A plain
+read with the same tiles and pipeline streams at 75-85% of copy, so the loop's instructions and
+their latency hold it, not the access pattern. Its cost grows with the rows of x (8 rows: 6.3x
+the 1-row time), hence kernels.nf4_gemv_rows for 3-8 rows.
 """
 
 from __future__ import annotations

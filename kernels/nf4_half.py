@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.nf4 import decode_words
+from kernels.nf4 import decode_words, lut_load_ptx
 
 
 def _lut_pairs_ptx() -> str:
@@ -40,13 +40,7 @@ def _lut_pairs_ptx() -> str:
     addressing of kernels.nf4's LUT decode, without the conversions."""
     lines = ["{", ".reg .b32 q, b;", "mov.u32 b, nf4lut;"]
     for i in range(4):
-        lines += [
-            "shl.b32 q, $5, 7;" if i == 0 else f"shr.u32 q, $5, {8 * i - 7};",
-            "and.b32 q, q, 0x7F80;",
-            "or.b32 q, q, $4;",
-            "add.u32 q, q, b;",
-            f"ld.shared.b32 ${i}, [q];",
-        ]
+        lines += lut_load_ptx(i, "$5", "$4", f"${i}")
     return "\n".join([*lines, "}"])
 
 

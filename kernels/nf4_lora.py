@@ -2,7 +2,8 @@
 
 kernels.nf4_linear launches this right before its GEMV, whose epilogue adds the partials
 (kernels.nf4_gemv_rows.lora_t) and then lora_scale * B t. Reference: the x A^T of
-kernels.reference.nf4_linear (peft's unmerged LoRA).
+kernels.reference.nf4_linear (peft's unmerged LoRA). lora_a_heads and lora_partial_heads compute
+the same partials inside decode attention, one a KV head, from the heads it has just computed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,32 @@ def _lora_down_kernel(
     x = tl.load(x_ptr + xm[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
     t = tl.sum(x.to(tl.float32) * a[None, :], axis=1)
     tl.store(t_ptr + (s * M + xm) * R + j, t, mask=xm < M)
+
+
+@triton.jit
+def lora_a_heads(
+    a_ptr, head, NH: tl.constexpr, GP: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
+    R: tl.constexpr, RP: tl.constexpr,
+):  # fmt: skip
+    """(GP, RP, D): A[j, (head + i) D + d] for heads i < NH, ranks j < R, else 0: the part of the
+    output projection's A (R, HQ * D) that heads head.. of kernels/decode_attention.py multiply.
+    It loads A before its attention loop, so that the load's latency hides under the loop's."""
+    i = tl.arange(0, GP)[:, None, None]
+    j = tl.arange(0, RP)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    return tl.load(a_ptr + j * (HQ * D) + (head + i) * D + d, mask=(i < NH) & (j < R), other=0.0)
+
+
+@triton.jit
+def lora_partial_heads(out, a, t_ptr, R: tl.constexpr):
+    """t_ptr[j] = sum over heads i and d of out[i, d] * a[i, j, d] (fp32, j < R): this program's
+    share of out A^T; out (rows, D), its first GP rows the program's heads (a from lora_a_heads)."""
+    GP: tl.constexpr = a.shape[0]
+    if out.shape[0] != GP:  # keep the first GP rows (the rest are BLOCK_G's padding)
+        lead = tl.arange(0, out.shape[0] // GP)[:, None, None]
+        out = tl.sum(tl.where(lead == 0, tl.reshape(out, (out.shape[0] // GP, GP, out.shape[1])), 0.0), 0)
+    t = tl.sum(tl.sum(a.to(tl.float32) * out[:, None, :], axis=2), axis=0)
+    tl.store(t_ptr + tl.arange(0, a.shape[1]), t, mask=tl.arange(0, a.shape[1]) < R)
 
 
 LORA_BLOCK_K = 1024  # K elements a down-projection program: one load each, no loop

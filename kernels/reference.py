@@ -143,6 +143,27 @@ def decode_attention(
     return out.transpose(1, 2).reshape(bsz, 1, -1)
 
 
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    attn_len: int,
+    lora_a: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """rope_kv_cache, then decode_attention over the rows' caches: (out (B, 1, Hq * D), t), with
+    t = out A^T for lora_a (r, Hq * D) as one fp32 partial sum (1, B, r), or None without it."""
+    q = rope_kv_cache(q, k, v, cos, sin, k_cache, v_cache, rows.reshape(-1, 1), positions)
+    out = decode_attention(q, k_cache, v_cache, positions, rows.reshape(-1), attn_len)
+    t = None if lora_a is None else (out.reshape(out.shape[0], -1).float() @ lora_a.float().T)[None]
+    return out, t
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, in the inputs' dtype (HF LlamaMLP)."""
     return F.silu(gate) * up

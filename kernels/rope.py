@@ -64,6 +64,21 @@ def _rotate_heads(
 
 
 @triton.jit
+def rotated_heads(ptr, heads, d, mask, c, s, HALF: tl.constexpr):
+    """fp32 (rows of heads, D): whole heads at ptr + heads + d rotated as _rotate_heads does them
+    in halves, x * c + rotate_half(x) * s, each product and the sum rounded to x's dtype (the
+    caller's launch turns fp fusion off too); c, s: (1, D) cos and sin, fp32. For
+    kernels/decode_attention.py, which needs the whole head in one tile for its dot."""
+    x = tl.load(ptr + heads + d[None, :], mask=mask, other=0.0)
+    other = tl.load(ptr + heads + ((d + HALF) % (2 * HALF))[None, :], mask=mask, other=0.0)
+    dtype = x.dtype
+    sign = tl.where(d < HALF, -1.0, 1.0)[None, :]  # rotate_half(x) = (-x2, x1)
+    prod = (x.to(tl.float32) * c).to(dtype).to(tl.float32)
+    rot = (other.to(tl.float32) * s).to(dtype).to(tl.float32)
+    return (prod + sign * rot).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr,  # (B, T, HQ, D) queries, last dim contiguous
     k_ptr,  # (B, T, HK, D) keys, last dim contiguous

@@ -66,7 +66,7 @@ class RMSNorm(nn.Module):
     def forward_lora_down(self, x: torch.Tensor, residual: torch.Tensor | None, then: LoRALinear):
         """forward(x, residual) and t, the LoRA x A^T of `then` (the projection reading the
         output) where the ops compute it in the same launch (decode on CUDA); else t is None."""
-        lora_a = then.norm_lora_a()
+        lora_a = then.fused_lora_a()
         if lora_a is None or self.ops.rms_norm_lora_down is None:
             return (*self.forward(x, residual), None)
         return self.ops.rms_norm_lora_down(x, residual, self.weight, self.eps, lora_a)
@@ -101,8 +101,14 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if seqlen == 1 and self.ops.rope_decode_attention is not None:  # decode on CUDA: one launch
+            cache, lora_a = (self.k_cache, self.v_cache), self.wo.fused_lora_a()
+            out, t = self.ops.rope_decode_attention(
+                q, k, v, cos, sin, *cache, positions, rows, attn_len, lora_a
+            )
+            return self.wo(out, t)
         q = self.ops.rope_kv_cache(q, k, v, cos, sin, self.k_cache, self.v_cache, rows, positions)
-        if seqlen == 1:  # decode: one fused kernel on CUDA
+        if seqlen == 1:
             out = self.ops.decode_attention(q, self.k_cache, self.v_cache, positions, slots, attn_len, rows)
             return self.wo(out)
         if slots is None:  # rows 0..B-1: views, no copy of the cache

@@ -27,6 +27,10 @@ class Ops:
     rope: Callable
     rope_kv_cache: Callable
     decode_attention: Callable
+    # (q, k, v, cos, sin, k_cache, v_cache, positions, rows, attn_len, lora_a) -> (out, t or None):
+    # rope_kv_cache and decode_attention in one launch, with the output projection's x A^T; None:
+    # no fused op (the reference path, two ops, and wo computes its x A^T as peft does)
+    rope_decode_attention: Callable | None
     swiglu: Callable
     nf4_linear: Callable
     nf4_linear_swiglu: Callable
@@ -42,6 +46,7 @@ REFERENCE_OPS = Ops(
     rope=reference.rope,
     rope_kv_cache=reference.rope_kv_cache,
     decode_attention=reference.decode_attention,
+    rope_decode_attention=None,
     swiglu=reference.swiglu,
     nf4_linear=reference.nf4_linear,
     nf4_linear_swiglu=reference.nf4_linear_swiglu,
@@ -62,6 +67,7 @@ def triton_ops() -> Ops:
         rope=rope.rope,
         rope_kv_cache=rope.rope_kv_cache,
         decode_attention=decode_attention.decode_attention,
+        rope_decode_attention=decode_attention.rope_decode_attention,
         swiglu=swiglu.swiglu,
         nf4_linear=nf4_linear.nf4_linear,
         nf4_linear_swiglu=nf4_linear.nf4_linear_swiglu,

@@ -72,9 +72,10 @@ class LoRALinear(nn.Module):
         lora = self.lora
         return () if lora is None else (lora.a, lora.b, lora.scale)
 
-    def norm_lora_a(self) -> torch.Tensor | None:
-        """The adapter's A if the RMSNorm before this layer may compute x A^T for it (handed
-        back as lora_t, Ops.rms_norm_lora_down); None: this layer computes its LoRA itself."""
+    def fused_lora_a(self) -> torch.Tensor | None:
+        """The adapter's A if the op before this layer may compute x A^T for it (handed back as
+        lora_t: the RMSNorm, Ops.rms_norm_lora_down, or decode attention, Ops.rope_decode_attention);
+        None: this layer computes its LoRA itself."""
         return None
 
 
@@ -91,11 +92,11 @@ class NF4Linear(LoRALinear):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def norm_lora_a(self) -> torch.Tensor | None:
+    def fused_lora_a(self) -> torch.Tensor | None:
         return None if self.lora is None else self.lora.a
 
     def forward(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
-        """lora_t: x A^T from the norm before (norm_lora_a), or None."""
+        """lora_t: x A^T from the op before (fused_lora_a), or None."""
         return self.ops.nf4_linear(x, self.packed, self.absmax, self.shape, *self.lora_args(), lora_t=lora_t)
 
     def forward_swiglu(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +117,7 @@ class DenseLinear(LoRALinear):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
 
     def forward(self, x: torch.Tensor, lora_t: None = None) -> torch.Tensor:
-        """lora_t is always None here: norm_lora_a() is None, cuBLAS computes x A^T."""
+        """lora_t is always None here: fused_lora_a() is None, cuBLAS computes x A^T."""
         y = F.linear(x, self.weight)
         if self.lora is not None:
             y = y + F.linear(F.linear(x, self.lora.a), self.lora.b) * self.lora.scale

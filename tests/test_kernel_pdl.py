@@ -47,15 +47,16 @@ gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_
             b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")
 attn = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", rows_ptr="*i64",
-            o_ptr="*bf16", ml_ptr="*fp32", s_row="i64", s_head="i64", s_pos="i64", B="i32",
-            scale="fp32")
+            o_ptr="*bf16", ml_ptr="*fp32", kn_ptr="*bf16", vn_ptr="*bf16", cos_ptr="*fp32",
+            sin_ptr="*fp32", a_ptr="*bf16", t_ptr="*fp32", s_row="i64", s_head="i64", s_pos="i64",
+            stride_qb="i32", stride_nb="i32", B="i32", scale="fp32")
 cases = {
     "rms_norm": (_rms_norm_forward_kernel, norm, dict(HAS_RESIDUAL=True, STORE_RSTD=False,
                  BLOCK_N=4096)),
     "rope_kv_cache": (_rope_kernel, rope, dict(HQ=32, HK=8, HALF=64, BLOCK_HQ=32, BLOCK_HK=8,
                       BLOCK_HALF=64, BACKWARD=False, CACHE=True)),
-    "decode_attention": (_decode_attention_kernel, attn, dict(HQ=32, G=4, BLOCK_G=16, D=128,
-                         BLOCK_N=64, SPLITS=1, SPLIT_LEN=512, PRECISION="tf32")),
+    "decode_attention": (_decode_attention_kernel, attn, dict(HQ=32, G=4, BLOCK_G=16, GP=4, D=128,
+                         BLOCK_N=64, SPLITS=1, SPLIT_LEN=512, PRECISION="tf32", ROPE=True, R=0, RP=1)),
     "lora_down": (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32",
                   K="i32", R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
     "gemv": (_nf4_gemv_kernel, {**gemv, "lut_ptr": "*i32"}, dict(MP=1, R=16, RP=16, TSP=4, BN=16,

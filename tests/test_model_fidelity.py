@@ -328,7 +328,9 @@ def test_the_triton_path_gives_the_reference_path_logits_with_lora(tiny_folder):
     """The model on the Triton ops (the interpreter here, as on a GPU but for the decode), NF4
     and a LoRA on every projection, against the same model on the PyTorch references: a
     6-token prefill and two decode steps. The Triton side must take the RMSNorm fused with the
-    LoRA down-projection before q/k/v and gate/up (kernels.rmsnorm_lora.rms_norm_lora_down)."""
+    LoRA down-projection before q/k/v and gate/up (kernels.rmsnorm_lora.rms_norm_lora_down), and
+    at decode the attention fused with rope, the cache write and the output projection's LoRA
+    down-projection (kernels.decode_attention.rope_decode_attention)."""
     import dataclasses
 
     from model.ops import triton_ops
@@ -341,11 +343,16 @@ def test_the_triton_path_gives_the_reference_path_logits_with_lora(tiny_folder):
             n, k = module.shape
             a, b = torch.randn(8, k, generator=g) / k**0.5, torch.randn(n, 8, generator=g) * 0.3
             module.lora = LoRAWeights(a, b, 0.5)
-    fused = []
+    fused, attended = [], []
 
     def spy(*args):
         out = triton_ops().rms_norm_lora_down(*args)
         fused.append(out[2] is not None)
+        return out
+
+    def attention_spy(*args):
+        out = triton_ops().rope_decode_attention(*args)
+        attended.append(out[1] is not None)
         return out
 
     def run(ops):
@@ -361,6 +368,7 @@ def test_the_triton_path_gives_the_reference_path_logits_with_lora(tiny_folder):
         return torch.cat(out)
 
     want = run(REFERENCE_OPS)
-    ours = run(dataclasses.replace(triton_ops(), rms_norm_lora_down=spy))
+    ours = run(dataclasses.replace(triton_ops(), rms_norm_lora_down=spy, rope_decode_attention=attention_spy))
     assert fused and all(fused) and len(fused) == 3 * 2 * model.args.n_layers
+    assert attended and all(attended) and len(attended) == 2 * model.args.n_layers
     torch.testing.assert_close(ours, want, atol=2e-4, rtol=2e-4)

@@ -21,6 +21,24 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return (chunk * ARGMAX_CHUNK + where.gather(-1, chunk)).squeeze(-1)
 
 
+def softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.softmax(dim=-1) of a 2-D x. On a GPU, long rows take their maximum and their sum in two
+    passes (each chunk's, then the row's), like argmax_rows: torch's softmax takes a row in one
+    block, 55 us for a 128,256-logit row on an H100, and sampling ran two a token (bench/NOTES.md,
+    session 15). The same values but for the last bits of the sum's order."""
+    v = x.shape[-1]
+    if x.device.type != "cuda" or v % ARGMAX_CHUNK or v < 4 * ARGMAX_CHUNK:
+        return x.softmax(dim=-1)
+    return softmax_two_pass(x)
+
+
+def softmax_two_pass(x: torch.Tensor) -> torch.Tensor:
+    """softmax_rows' GPU path (any device; v a multiple of ARGMAX_CHUNK): exp(x - max) / sum."""
+    chunks = (x.shape[0], x.shape[1] // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    e = (x - x.view(chunks).amax(dim=-1).amax(dim=-1, keepdim=True)).exp()
+    return e / e.view(chunks).sum(dim=-1).sum(dim=-1, keepdim=True)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty as transformers applies it: scores of seen tokens / penalty if > 0 else * penalty.
 
@@ -39,7 +57,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        cumulative = softmax_rows(sorted_logits).cumsum(dim=-1)
         drop_sorted = cumulative <= 1 - top_p
         drop_sorted[..., -1] = False  # always keep the most likely token
         drop = drop_sorted.scatter(-1, order, drop_sorted)
@@ -86,7 +104,7 @@ def sample(
     if temperature == 0:
         return argmax_rows(logits)
     scores, index = candidates(logits / temperature, top_k, top_p)
-    choice = draw(scores.softmax(dim=-1), generator)
+    choice = draw(softmax_rows(scores), generator)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
 
 

@@ -309,6 +309,26 @@ def test_two_pass_argmax_is_torch_argmax(dtype, vocab):
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), levels
 
 
+@pytest.mark.parametrize("vocab", [128256, 49152, 1024])
+def test_two_pass_softmax_is_torch_softmax(vocab):
+    """Sampling's softmax on a GPU (model.sampling.softmax_rows) takes the row's maximum and sum
+    in two passes: torch's probabilities but for rounding, -inf entries 0, an all -inf row NaN
+    as in torch. Run here on the CPU, where softmax_rows itself is torch's."""
+    from model.sampling import softmax_rows, softmax_two_pass
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = 4 * torch.randn(5, vocab, generator=gen)
+    x[1, vocab // 3 :] = float("-inf")  # top-k / top-p filtered
+    x[2] = x[2].to(torch.bfloat16).float()  # ties, as bf16 logits have them
+    x[3] = x[3] + 80  # large logits: the maximum is subtracted first
+    x[4] = float("-inf")
+    ours, want = softmax_two_pass(x), x.softmax(dim=-1)
+    # torch's CPU softmax takes a faster exp (up to ~1.5e-5 relative); torch.exp is within ~1 ulp
+    torch.testing.assert_close(ours[:4], want[:4], atol=1e-9, rtol=3e-5)
+    assert (ours[1, vocab // 3 :] == 0).all() and ours[4].isnan().all() and want[4].isnan().all()
+    torch.testing.assert_close(softmax_rows(x), want, atol=0, rtol=0, equal_nan=True)  # the CPU keeps torch's
+
+
 def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(tiny_folder, monkeypatch):
     """The first chunk of a prefill is causal attention without a mask (flash attention on a GPU),
     a later chunk attends through the mask with the K/V heads repeated: both give one result."""

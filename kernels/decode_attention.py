@@ -10,7 +10,7 @@ rope_decode_attention is a layer's whole decode attention in that one launch: it
 token's q, k and v as the q/k/v projection wrote them, rotates q and k (kernels/rope.py's
 arithmetic: each product and the sum rounded to the activations' dtype), writes k and v into the
 cache, and hands the output projection's GEMV its LoRA down-projection t = out A^T as partial
-sums, one a KV head (kernels.nf4_lora's format). Reference:
+sums, one a KV head (kernels.nf4_lora's format; unsplit contexts and small ranks). Reference:
 kernels.reference.rope_decode_attention. On an H100 a Llama-3-8B layer's rope, attention and
 LoRA down-projection took 7.63 us in three launches and take 5.64 in this one at 128 positions
 (18.66 and 15.27 at 1,024; CUDA-graph replay, bench/NOTES.md).
@@ -21,8 +21,7 @@ head) pair and all G query heads that share it, so each K/V row is read once; it
 up to the row's own length, read from `positions` on the device, so a CUDA graph captured
 for a long attention bucket still reads no more than the real context. Long contexts are split
 over SPLITS programs per pair (flash-decoding); partial results are merged in a second small
-kernel (which then computes the LoRA partials, one a query head). Softmax is online in fp32
-(running max m, sum denom), the output rounded once.
+kernel. Softmax is online in fp32 (running max m, sum denom), the output rounded once.
 """
 
 from __future__ import annotations
@@ -36,6 +35,10 @@ import triton.language as tl
 from kernels import nf4_lora, pdl, rope
 
 SPLIT_TOKENS = 512  # keys per program before the work is split (decode at 8k: 16 splits)
+# Elements of A a program holds through its loop for the LoRA partials: Llama-3-8B's 4 heads x 16
+# ranks x 128. Larger slices spilled registers (25 KB of spill stores at 8 heads x 64 ranks,
+# sm_90); the output projection computes its own x A^T then.
+LORA_A_ELEMENTS = 8192
 
 
 @triton.jit
@@ -52,7 +55,7 @@ def _decode_attention_kernel(
     cos_ptr,  # (B, D / 2) fp32 cos of each new token's angles (ROPE)
     sin_ptr,  # (B, D / 2) fp32 sin (ROPE)
     a_ptr,  # (R, Hq * D) the output projection's LoRA A, x's dtype (R > 0)
-    t_ptr,  # (Hk, B, R) fp32 out: partial sums of out A^T, one a KV head (R > 0, SPLITS == 1)
+    t_ptr,  # (Hk, B, R) fp32 out: partial sums of out A^T, one a KV head (R > 0; SPLITS == 1)
     s_row, s_head, s_pos,  # cache strides (row, head, position); the last dim is contiguous
     stride_qb,  # elements between rows of q
     stride_nb,  # elements between rows of kn and vn
@@ -107,7 +110,7 @@ def _decode_attention_kernel(
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * D + d[None, :], mask=hmask, other=0.0)
         q = q.to(tl.float32)
-    if R > 0:  # SPLITS == 1: this program's share of the output projection's x A^T
+    if R > 0:  # (SPLITS == 1) this program's share of the output projection's x A^T
         a = nf4_lora.lora_a_heads(a_ptr, kv_head * G, G, GP, HQ, D, R, RP)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_G,), tl.float32)
@@ -144,14 +147,9 @@ def _merge_splits_kernel(
     part_ptr,  # (SPLITS, B, Hq, D) fp32 unnormalised partial outputs
     ml_ptr,  # (SPLITS, B, Hq, 2) fp32 max and sum of each split
     o_ptr,  # (B, Hq, D) output
-    a_ptr,  # (R, Hq * D) the output projection's LoRA A (R > 0)
-    t_ptr,  # (Hq, B, R) fp32 out: partial sums of out A^T, one a query head (R > 0)
     BH,  # B * Hq: distance between splits, in (sequence, head) pairs
-    HQ: tl.constexpr,  # query heads
     D: tl.constexpr,  # head dim
     SPLITS: tl.constexpr,  # number of splits
-    R: tl.constexpr,  # LoRA rank of the output projection, 0 for no t
-    RP: tl.constexpr,  # R rounded up to a power of two
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -168,13 +166,13 @@ def _merge_splits_kernel(
         w = tl.where(mi == float("-inf"), 0.0, tl.exp2(mi - m))  # (1,)
         denom += w * tl.load(ml_ptr + (i * BH + bh) * 2 + 1 + tl.arange(0, 1))
         acc += tl.sum(w) * tl.load(part_ptr + (i * BH + bh) * D + d)
-    out = (acc / tl.sum(denom)).to(o_ptr.dtype.element_ty)
-    tl.store(o_ptr + bh * D + d, out)
-    if R > 0:
-        head = bh % HQ
-        t_row = (head * (BH // HQ) + bh // HQ) * R  # (head, b)
-        a = nf4_lora.lora_a_heads(a_ptr, head, 1, 1, HQ, D, R, RP)
-        nf4_lora.lora_partial_heads(out.to(tl.float32)[None, :], a, t_ptr + t_row, R)
+    tl.store(o_ptr + bh * D + d, (acc / tl.sum(denom)).to(o_ptr.dtype.element_ty))
+
+
+def _splits(attn_len: int) -> tuple[int, int]:
+    """(programs a (sequence, KV head) pair, keys each) for attention over attn_len positions."""
+    splits = max(1, math.ceil(attn_len / SPLIT_TOKENS))
+    return splits, math.ceil(attn_len / splits)
 
 
 def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=None):
@@ -189,8 +187,7 @@ def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=Non
         q = q.contiguous()
     pos = positions.reshape(bsz).contiguous()
     out = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
-    splits = max(1, math.ceil(attn_len / SPLIT_TOKENS))
-    split_len = math.ceil(attn_len / splits)
+    splits, split_len = _splits(attn_len)
     if splits == 1:
         part, ml = out, out  # the kernel writes the output directly; ml is unused
     else:
@@ -202,10 +199,10 @@ def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=Non
         if kn.stride() != vn.stride() or kn.stride(-1) != 1 or kn.stride(-2) != d:
             kn, vn = kn.contiguous(), vn.contiguous()
         cos, sin = (c.float().reshape(bsz, d // 2).contiguous() for c in (cos, sin))
-    rank = 0 if lora_a is None else lora_a.shape[0]
+    rank = 0 if lora_a is None or splits > 1 else lora_a.shape[0]  # t from unsplit contexts only
     t = None
     if rank:
-        t = torch.empty((hk if splits == 1 else hq, bsz, rank), dtype=torch.float32, device=q.device)
+        t = torch.empty((hk, bsz, rank), dtype=torch.float32, device=q.device)
         lora_a = lora_a.contiguous()
     group, rank_p2 = hq // hk, triton.next_power_of_2(max(rank, 1))
     use_pdl = pdl.pdl_enabled(q.device)
@@ -217,14 +214,13 @@ def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=Non
         HQ=hq, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), GP=triton.next_power_of_2(group),
         D=d, BLOCK_N=64,
         SPLITS=splits, SPLIT_LEN=split_len, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROPE=new is not None, R=rank if splits == 1 else 0, RP=rank_p2, PDL=use_pdl, num_warps=4,
+        ROPE=new is not None, R=rank, RP=rank_p2, PDL=use_pdl, num_warps=4,
         launch_pdl=use_pdl, enable_fp_fusion=new is None,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(bsz * hq,)](
-            part, ml, out, out if lora_a is None else lora_a, out if t is None else t, bsz * hq,
-            HQ=hq, D=d, SPLITS=splits, R=rank, RP=rank_p2, PDL=use_pdl, num_warps=1, launch_pdl=use_pdl,
-            enable_fp_fusion=True,
+            part, ml, out, bsz * hq, D=d, SPLITS=splits, PDL=use_pdl, num_warps=1,
+            launch_pdl=use_pdl, enable_fp_fusion=True,
         )  # fmt: skip
     return out.reshape(bsz, 1, hq * d), t
 
@@ -262,18 +258,23 @@ def rope_decode_attention(
     lora_a: torch.Tensor | None = None,  # (r, Hq * D) the output projection's LoRA A, or None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out (B, 1, Hq * D), t): rope, the cache write and decode attention in one launch (two
-    past SPLIT_TOKENS), and t = out A^T as fp32 partial sums (chunks, B, r) for the output
-    projection (kernels.nf4_linear's lora_t), or None: no lora_a, or one it cannot take (another
-    dtype or width, rank 0), or PDL on (the GEMV would read out before its wait; kernels/pdl.py).
-    Matches kernels.reference.rope_decode_attention."""
-    d = q.shape[-1]
-    if q.dtype != k.dtype or k.dtype != v.dtype or v.dtype != k_cache.dtype or d % 2:
-        raise ValueError("rope_decode_attention needs q, k, v and the cache in one dtype, an even D.")
+    past SPLIT_TOKENS), and t = out A^T as fp32 partial sums (Hk, B, r) for the output
+    projection (kernels.nf4_linear's lora_t), or None, where the projection computes its own:
+    no lora_a, or one it cannot take (another dtype or width, rank 0), a slice of A too large to
+    hold in registers through the attention loop (LORA_A_ELEMENTS), a context split over
+    programs, or PDL on (the GEMV would read out before its wait; kernels/pdl.py). Matches
+    kernels.reference.rope_decode_attention."""
+    d, hq, hk = q.shape[-1], q.shape[2], k_cache.shape[1]
+    dtypes = {q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}
+    if len(dtypes) != 1 or d % 2:
+        raise ValueError("rope_decode_attention needs q, k, v and the caches in one dtype, an even D.")
     if lora_a is not None and (
         lora_a.dim() != 2
         or lora_a.shape[0] == 0
-        or lora_a.shape[1] != q.shape[2] * d
+        or lora_a.shape[1] != hq * d
         or lora_a.dtype != q.dtype
+        or triton.next_power_of_2(hq // hk) * triton.next_power_of_2(lora_a.shape[0]) * d > LORA_A_ELEMENTS
+        or _splits(attn_len)[0] > 1
         or pdl.pdl_enabled(q.device)
     ):
         lora_a = None

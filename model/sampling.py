@@ -27,16 +27,16 @@ def softmax_rows(x: torch.Tensor) -> torch.Tensor:
     block, 55 us for a 128,256-logit row on an H100, and sampling ran two a token (bench/NOTES.md,
     session 15). The same values but for the last bits of the sum's order."""
     v = x.shape[-1]
-    if x.device.type != "cuda" or v % ARGMAX_CHUNK or v < 4 * ARGMAX_CHUNK:
+    if x.device.type != "cuda" or x.dtype != torch.float32 or v % ARGMAX_CHUNK or v < 4 * ARGMAX_CHUNK:
         return x.softmax(dim=-1)
     return softmax_two_pass(x)
 
 
 def softmax_two_pass(x: torch.Tensor) -> torch.Tensor:
-    """softmax_rows' GPU path (any device; v a multiple of ARGMAX_CHUNK): exp(x - max) / sum."""
+    """softmax_rows' GPU path (any device; fp32 x, v a multiple of ARGMAX_CHUNK): exp(x - max) / sum."""
     chunks = (x.shape[0], x.shape[1] // ARGMAX_CHUNK, ARGMAX_CHUNK)
-    e = (x - x.view(chunks).amax(dim=-1).amax(dim=-1, keepdim=True)).exp()
-    return e / e.view(chunks).sum(dim=-1).sum(dim=-1, keepdim=True)
+    e = (x - x.reshape(chunks).amax(dim=-1).amax(dim=-1, keepdim=True)).exp()
+    return e / e.reshape(chunks).sum(dim=-1).sum(dim=-1, keepdim=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ cache, and hands the output projection's GEMV its LoRA down-projection t = out A
 sums, one a KV head (kernels.nf4_lora's format; unsplit contexts and small ranks). Reference:
 kernels.reference.rope_decode_attention. On an H100 a Llama-3-8B layer's rope, attention and
 LoRA down-projection took 7.63 us in three launches and take 5.64 in this one at 128 positions
-(18.66 and 15.27 at 1,024; CUDA-graph replay, bench/NOTES.md).
+(at 1,024, split, with lora_down after it: 18.66 and 16.36; CUDA-graph replay, bench/NOTES.md).
 
 Why: at batch 1 the library SDPA kernel costs ~8 us a layer on an H200 (cuDNN's flash kernel
 tiled for prefill), 7% of a Llama-3-8B decode step. Here one program takes one (sequence, KV

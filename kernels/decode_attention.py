@@ -169,12 +169,6 @@ def _merge_splits_kernel(
     tl.store(o_ptr + bh * D + d, (acc / tl.sum(denom)).to(o_ptr.dtype.element_ty))
 
 
-def _splits(attn_len: int) -> tuple[int, int]:
-    """(programs a (sequence, KV head) pair, keys each) for attention over attn_len positions."""
-    splits = max(1, math.ceil(attn_len / SPLIT_TOKENS))
-    return splits, math.ceil(attn_len / splits)
-
-
 def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=None):
     """The launches behind both public functions: (out (B, 1, Hq * D), t or None). new: None, or
     (k, v, cos, sin) of the new tokens for ROPE."""
@@ -187,7 +181,8 @@ def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=Non
         q = q.contiguous()
     pos = positions.reshape(bsz).contiguous()
     out = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
-    splits, split_len = _splits(attn_len)
+    splits = max(1, math.ceil(attn_len / SPLIT_TOKENS))
+    split_len = math.ceil(attn_len / splits)
     if splits == 1:
         part, ml = out, out  # the kernel writes the output directly; ml is unused
     else:
@@ -199,7 +194,7 @@ def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=Non
         if kn.stride() != vn.stride() or kn.stride(-1) != 1 or kn.stride(-2) != d:
             kn, vn = kn.contiguous(), vn.contiguous()
         cos, sin = (c.float().reshape(bsz, d // 2).contiguous() for c in (cos, sin))
-    rank = 0 if lora_a is None or splits > 1 else lora_a.shape[0]  # t from unsplit contexts only
+    rank = 0 if lora_a is None or splits > 1 else lora_a.shape[0]  # t for unsplit contexts only
     t = None
     if rank:
         t = torch.empty((hk, bsz, rank), dtype=torch.float32, device=q.device)
@@ -274,7 +269,6 @@ def rope_decode_attention(
         or lora_a.shape[1] != hq * d
         or lora_a.dtype != q.dtype
         or triton.next_power_of_2(hq // hk) * triton.next_power_of_2(lora_a.shape[0]) * d > LORA_A_ELEMENTS
-        or _splits(attn_len)[0] > 1
         or pdl.pdl_enabled(q.device)
     ):
         lora_a = None

@@ -54,7 +54,8 @@ def bytes_per_token(engine: Engine, attn_len: int) -> int:
     model, total = engine.model, 0
     for module in model.modules():
         if isinstance(module, NF4Linear):
-            total += module.packed.numel() + module.absmax.numel() * 4
+            scales = module.absmax if module.absmax16 is None else module.absmax16  # what the GEMV reads
+            total += module.packed.numel() + scales.numel() * scales.element_size()
         elif (
             hasattr(module, "weight")
             and isinstance(module.weight, torch.Tensor)

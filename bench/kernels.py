@@ -111,7 +111,7 @@ def bench_gemv_case(bnb, copy_bw, copies_mb, sweep, name, n, k, swiglu):
     bnb_lora = graph_time_us(bnb_lora_call, copies)
     rows.append(row(name, "bitsandbytes +LoRA (torch)", bnb_lora, bnb_bytes + 2 * r * (k + n), copy_bw, lora))
     if sweep:
-        key = (x.device, n_out, k, 1, x_dtype, swiglu, 0)
+        key = (x.device, n_out, k, 1, x_dtype, swiglu, 0, torch.float32)
         for cfg in gemv._CONFIGS[1]:
             gemv._TUNED[key] = cfg
             us = graph_time_us(lambda i: op(x, sets[i][0], sets[i][1], (n, k)), copies)

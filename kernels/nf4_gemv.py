@@ -80,13 +80,13 @@ def _gemv_step(
     bcol = w0 // 8 + tl.arange(0, NBLK)
     if EVEN:
         w = tl.load(w_ptr + rows[:, None] * kw + wcol[None, :])
-        scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :])
+        scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :]).to(tl.float32)
         xmask = mmask
     else:
         wmask = rmask[:, None] & kmask[None, :]
         w = tl.load(w_ptr + rows[:, None] * kw + wcol[None, :], mask=wmask, other=0)
         bmask = rmask[:, None] & (bcol < kb)[None, :]
-        scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :], mask=bmask, other=0.0)
+        scale = tl.load(absmax_ptr + rows[:, None] * kb + bcol[None, :], mask=bmask, other=0.0).to(tl.float32)
         xmask = mmask & kmask[None, :]
     if HALF:  # (Triton would trace code after a return here too: an else, not a return)
         lo0, hi0 = _load_x_pair(x_ptr, xrow, wcol[None, :], 0, xmask, X_KIND)
@@ -158,7 +158,7 @@ def _gemv_epilogue(
 def _nf4_gemv_kernel(
     x_ptr,  # (M, K) activations: fp32, or fp16/bf16 viewed as int32 pairs (M, K // 2)
     w_ptr,  # (N, K // 8) int32: the packed NF4 weight, 8 nibbles a word
-    absmax_ptr,  # (N, K // 64) fp32 block scales
+    absmax_ptr,  # (N, K // 64) fp32 or fp16 block scales
     code_ptr,  # (16,) fp32 code table, fp16-rounded for a LUT config (interpreter decode only)
     lut_ptr,  # (256,) int32 byte table of fp16 code pairs (nf4_mma_block.lut_words; DECODE 2 only)
     t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T

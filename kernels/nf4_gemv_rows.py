@@ -108,7 +108,7 @@ def tile_rows(t, N_OUT, BN: tl.constexpr, SWIGLU: tl.constexpr):
 def _nf4_gemv_rows_kernel(
     x_ptr,  # (M, K) activations: fp32, or fp16/bf16 viewed as int32 pairs (M, K // 2)
     w_ptr,  # (N, K // 8) int32: the packed NF4 weight (bitsandbytes' bytes), 8 nibbles a word
-    absmax_ptr,  # (N, K // 64) fp32 block scales
+    absmax_ptr,  # (N, K // 64) fp32 or fp16 block scales
     code_ptr,  # (16,) fp32 code table (interpreter decode only)
     t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T
     b_ptr,  # (N, R) LoRA up weight B, contiguous
@@ -159,6 +159,7 @@ def _nf4_gemv_rows_kernel(
         w = tl.load(w_ptr + wrow + wcol, mask=wmask, other=0)  # (BKW, RB, 1)
         w = _transpose_words(w, BKW, RB, DECODE_SHFL)
         scale = tl.load(absmax_ptr + srow + chunk // 2, mask=smask, other=0.0)  # (BKW / 4, RB, 1)
+        scale = scale.to(tl.float32)
         # the shuffle (1) or the interpreter's gather (0)
         c0, c1, c2, c3, c4, c5, c6, c7 = decode_words(w, code_ptr, 0, 1 if DECODE_SHFL else 0)
         # Nibble 2i is the low nibble of byte i: the second element of its x pair.

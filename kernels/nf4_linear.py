@@ -51,7 +51,7 @@ def _gemv_supported(x2: torch.Tensor, packed: torch.Tensor, shape: tuple[int, in
     )
 
 
-def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lora_t=None):
+def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lora_t=None, absmax_half=None):
     n, k = shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
@@ -79,7 +79,11 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
     x_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
     xv = x2 if x_kind == 0 else x2.view(torch.int32)
     words = packed.reshape(-1).view(torch.int32)  # little-endian: byte i of a word is bits 8i..8i+7
-    scales = absmax.reshape(-1).float().contiguous()
+    # fp16 block scales (half the bytes) where the layer keeps them, for 16-bit x only: fp32 x
+    # keeps exact codes and scales
+    half = absmax_half is not None and x_kind > 0
+    scales = (absmax_half if half else absmax).reshape(-1).contiguous()
+    scales = scales if half else scales.float()
     rank = 0 if lora_a is None else lora_a.shape[0]
     b = lora_b.contiguous() if rank else scales
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
@@ -110,7 +114,7 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
         )  # fmt: skip
 
     # the LoRA rank as the kernels compile it (rounded up to a power of two; 0: none)
-    key = (x.device, n_out, k, mp, x.dtype, swiglu, triton.next_power_of_2(rank) if rank else 0)
+    key = (x.device, n_out, k, mp, x.dtype, swiglu, triton.next_power_of_2(rank) if rank else 0, scales.dtype)
     mma = x_kind > 0 and (interpreting() or nf4_mma.supported(x.device))  # 16-bit x, sm_80+
     byte_table = x_kind > 0  # fp32 x keeps exact fp32 codes: no fp16 byte table (nor tensor cores)
     # fp16 products (uses_half) convert x with cvt.rn.f16x2.f32: sm_80+, like the MMA kernel
@@ -131,16 +135,20 @@ def nf4_linear(
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
     lora_t: torch.Tensor | None = None,
+    absmax_half: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + lora_scale * (x A^T) B^T for the NF4 weight W of `shape` (N, K).
 
     Same arguments as kernels.reference.nf4_linear: x (..., K); packed uint8 in bitsandbytes'
     layout; absmax fp32, one per 64 flattened elements; lora_a (r, K) and lora_b (N, r) in x's
     dtype, or both None. lora_t: x A^T already computed, as fp32 partial sums (chunks, rows of
-    x, r) (kernels.rmsnorm_lora.rms_norm_lora_down); None: computed here. Graph-capturable once each
-    shape has been called outside capture.
+    x, r) (kernels.rmsnorm_lora.rms_norm_lora_down); None: computed here. absmax_half: absmax
+    rounded to fp16 (model.quant.half_absmax), which the GEMVs read instead for 16-bit x (half
+    the bytes of the scales, relative error 2^-11 on each); None: they read absmax. More rows
+    than a GEMV takes dequantize with the exact absmax. Graph-capturable once each shape has
+    been called outside capture.
     """
-    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, False, lora_t)
+    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, False, lora_t, absmax_half)
 
 
 def nf4_linear_swiglu(
@@ -152,10 +160,11 @@ def nf4_linear_swiglu(
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
     lora_t: torch.Tensor | None = None,
+    absmax_half: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(g) * u where [g, u] = nf4_linear(x, ...) split in halves: W is gate stacked on up.
 
     shape is (2I, K); lora_b (2I, r2) stacked the same way; lora_t as for nf4_linear. Output
-    (..., I). Same semantics as kernels.reference.nf4_linear_swiglu.
+    (..., I); absmax_half as for nf4_linear. Same semantics as kernels.reference.nf4_linear_swiglu.
     """
-    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, True, lora_t)
+    return _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, True, lora_t, absmax_half)

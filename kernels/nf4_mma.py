@@ -54,7 +54,7 @@ from kernels.reference import NF4_CODE
 def _nf4_mma_kernel(
     x_ptr,  # (M, K) 16-bit activations viewed as int64 (4 values each)
     w_ptr,  # (N, K // 16) int64: the packed NF4 weight (bitsandbytes' bytes)
-    absmax_ptr,  # (N, K // 64) fp32 block scales
+    absmax_ptr,  # (N, K // 64) fp32 or fp16 block scales
     code_ptr,  # (16,) fp32 code table rounded to x's dtype (interpreter only)
     lut_ptr,  # (256,) int32 byte table in x's dtype (nf4_mma_block.lut_words; GPU only)
     t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T

@@ -204,12 +204,12 @@ def lut_fill(lut_ptr, e):
 @triton.jit
 def load_w(wg_ptr, sg_ptr, kq, kb, blk, rmask, rmaskh):
     """A lane's weight registers for absmax block blk: 8 bytes and the absmax of rows g and g + 8
-    (zeros past K or past the rows of W)."""
+    in fp32 (stored fp32 or fp16; zeros past K or past the rows of W)."""
     kmask = blk < kb
     wg = tl.load(wg_ptr + 4 * blk, mask=kmask & rmask, other=0)
     wh = tl.load(wg_ptr + 8 * kq + 4 * blk, mask=kmask & rmaskh, other=0)
-    sg = tl.load(sg_ptr + blk, mask=kmask & rmask, other=0.0)
-    sh = tl.load(sg_ptr + 8 * kb + blk, mask=kmask & rmaskh, other=0.0)
+    sg = tl.load(sg_ptr + blk, mask=kmask & rmask, other=0.0).to(tl.float32)
+    sh = tl.load(sg_ptr + 8 * kb + blk, mask=kmask & rmaskh, other=0.0).to(tl.float32)
     return wg, wh, sg, sh
 
 

@@ -119,10 +119,11 @@ def fingerprint(device: torch.device) -> str:
 
 def stored_key(key: tuple) -> str | None:
     """The file's name for a tuner key, or None for a key that is not a CUDA device's."""
-    device, n_out, k, mp, dtype, swiglu, rank = key
+    device, n_out, k, mp, dtype, swiglu, rank, scales = key
     if not isinstance(device, torch.device) or device.type != "cuda":
         return None
     shape = f"{n_out}x{k} rows {mp} {str(dtype).removeprefix('torch.')} swiglu {int(swiglu)} rank {int(rank)}"
+    shape += f" scales {str(scales).removeprefix('torch.')}"
     return f"{fingerprint(device)} {shape} pdl {int(pdl.pdl_enabled(device))}"
 
 

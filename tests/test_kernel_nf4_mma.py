@@ -299,7 +299,7 @@ def test_tuner_skips_a_config_that_does_not_compile(monkeypatch):
         if cfg[0] == "mma":
             raise RuntimeError("PTX assembly failed for this target")
 
-    key = ("test-device", 64, 128, 8, torch.bfloat16, False, False)
+    key = ("test-device", 64, 128, 8, torch.bfloat16, False, False, torch.float32)
     cfg = nf4_tune.pick_config(key, 64, 16, 8, launch, nf4_tune.CONFIGS[8])
     assert cfg[0] != "mma" and nf4_tune.TUNED.pop(key) == cfg
 
@@ -323,7 +323,7 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(
         nf4_tune, "time_config", lambda launch, cfg, copies: launch(cfg) or 0.5 + (timed[-1] != best) / 2
     )
-    key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, True)
+    key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, True, torch.float32)
 
     def pick(offered=candidates) -> tuple:
         nf4_tune.TUNED.pop(key, None)  # a new process
@@ -334,14 +334,18 @@ def test_tuner_picks_are_kept_for_the_next_start(monkeypatch, tmp_path, caplog):
     assert list(json.loads(path.read_text()).values()) == [list(best)]
     timed.clear()
     assert pick() == best and not timed  # read back: nothing timed
-    for other in (key[:3] + (4,) + key[4:], key[:5] + (True,) + key[6:], key[:6] + (64,)):
-        nf4_tune.TUNED.pop(other, None)  # another row count, SwiGLU, LoRA rank: timed anew
+    others = (
+        key[:3] + (4,) + key[4:], key[:5] + (True,) + key[6:], key[:6] + (64,) + key[7:],
+        key[:7] + (torch.float16,),
+    )  # fmt: skip
+    for other in others:
+        nf4_tune.TUNED.pop(other, None)  # another row count, SwiGLU, LoRA rank, scales: timed anew
         assert nf4_tune.pick_config(other, 64, 16, 8, timed.append, candidates) and timed
         timed.clear()
         nf4_tune.TUNED.pop(other)
     monkeypatch.setattr(nf4_tune, "fingerprint", lambda device: "gpu-b")
     assert pick() == best and len(timed) == fits  # another GPU: timed anew
-    assert len(json.loads(path.read_text())) == 5
+    assert len(json.loads(path.read_text())) == 6
     timed.clear()
     assert pick(candidates[:-2]) != best and timed  # the stored pick is not offered: timed anew
     path.write_text("[1, 2]")  # not what the tuner wrote: ignored, then replaced
@@ -389,7 +393,7 @@ def test_a_pick_after_a_failure_that_may_pass_is_used_but_not_stored(monkeypatch
     monkeypatch.setattr(nf4_tune, "fingerprint", lambda device: "gpu-a")
     monkeypatch.setattr(nf4_tune, "time_config", lambda launch, cfg, copies: launch(cfg) or 1.0)
     candidates = nf4_tune.CONFIGS[8]
-    key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, 0)
+    key = (torch.device("cuda", 0), 64, 128, 8, torch.bfloat16, False, 0, torch.float32)
     for error, stored in (
         (triton.runtime.errors.PTXASError("ptxas failed"), True),
         (RuntimeError("CUDA error: out of memory"), False),
@@ -429,7 +433,7 @@ def test_time_config_times_a_captured_launch_on_each_copy():
 
     def launch(cfg, w, s):
         seen.append(w.data_ptr())
-        key = (x.device, n, k, 1, x.dtype, False, 0)
+        key = (x.device, n, k, 1, x.dtype, False, 0, torch.float32)
         nf4_linear._TUNED[key] = cfg
         try:
             y = nf4_linear.nf4_linear(x, w.view(torch.uint8), s, (n, k))

@@ -34,7 +34,7 @@ from model import loader
 from model.config import ModelArgs
 from model.engine import GenerationSettings
 from model.loader import ModelSourceError, load_model
-from model.quant import expand_absmax
+from model.quant import expand_absmax, half_absmax
 
 FP32 = dict(atol=1e-5, rtol=1e-5)  # same weights, same ops: fp32 rounding only (measured: exact)
 HF_PROJECTIONS = {
@@ -130,6 +130,7 @@ def test_bitsandbytes_checkpoint_loads_as_stored(bnb_folder, monkeypatch):
         state["nested_offset"],
     )
     assert torch.equal(layer.absmax, absmax)
+    assert layer.absmax16 is None  # the fp16 scales are for the GPU's GEMVs (16-bit x) only
 
     # The reference: transformers reading the same saved checkpoint into bitsandbytes Linear4bit.
     reference = hf_model(bnb_folder, torch.float32, device_map="cpu")
@@ -137,6 +138,14 @@ def test_bitsandbytes_checkpoint_loads_as_stored(bnb_folder, monkeypatch):
     for seed in range(2):
         ids = random_ids(32, loaded.args.vocab_size, seed)
         torch.testing.assert_close(our_logits(loaded.model, ids), hf_logits(reference, ids), **FP32)
+
+
+def test_half_absmax_rounds_to_fp16_within_its_range():
+    absmax = torch.tensor([0.0, 1e-6, 0.0123456, 3.0, 65504.0])
+    half = half_absmax(absmax)
+    assert half.dtype == torch.float16 and torch.equal(half, absmax.half())
+    assert ((half.float() - absmax).abs() <= absmax * 2**-11 + 2**-25).all()
+    assert half_absmax(torch.tensor([1.0, 70000.0])) is None  # past fp16: the GEMVs keep fp32
 
 
 def test_bitsandbytes_checkpoint_cannot_be_served_unquantized(bnb_folder):

@@ -137,7 +137,10 @@ class Runner:
         before it while the host has yet to read that one's tokens. The caller guarantees that
         every row at a position > 0 steps (the last decode fed one adapter's rows only)."""
         self.token[:, 0].index_copy_(0, slots, tokens)
-        self.position[: self.width] += self.position[: self.width] > 0
+        if len(slots) == self.width:  # no free slot: every row steps (one kernel, not two)
+            self.position[: self.width] += 1
+        else:
+            self.position[: self.width] += self.position[: self.width] > 0
         self.max_position += 1
         return self.run(adapter)
 

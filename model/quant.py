@@ -8,7 +8,8 @@ to be read on the host inside a captured decode step. The cost is 4 bytes per 64
 of ~1. On a GPU with 16-bit activations the layer also keeps absmax rounded to fp16
 (half_absmax), which the decode GEMVs read instead: 2 bytes a block, 4.4% fewer bytes a decoded
 token on Llama-3-8B (GEMV time -3.6%, a step -2.6% on an H100: bench/NOTES.md, session 16), for
-0.22 GB more GPU memory. Prefill's dequantization keeps the exact fp32 absmax.
+0.22 GB more GPU memory. The dequantization (prefill chunks of more than 8 tokens) keeps the
+exact fp32 absmax.
 
 Projections that read the same input are stacked along N at load (q/k/v into one, gate/up into
 one), so decode issues one launch per group. Stacking is exact: with K a multiple of 64 every
@@ -100,8 +101,9 @@ class NF4Linear(LoRALinear):
         n = in_features * out_features
         self.register_buffer("packed", torch.empty((n + 1) // 2, dtype=torch.uint8))
         self.register_buffer("absmax", torch.empty(-(-n // NF4_BLOCKSIZE), dtype=torch.float32))
-        # absmax in fp16 for the GPU's decode GEMVs (half_absmax; set by the loader), or None
-        self.absmax16: torch.Tensor | None = None
+        # absmax in fp16 for the GPU's decode GEMVs (half_absmax; set by the loader), or None; a
+        # buffer, so that whatever moves absmax moves it too
+        self.register_buffer("absmax16", None, persistent=False)
 
     @property
     def shape(self) -> tuple[int, int]:

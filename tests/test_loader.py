@@ -148,6 +148,32 @@ def test_half_absmax_rounds_to_fp16_within_its_range():
     assert half_absmax(torch.tensor([1.0, 70000.0])) is None  # past fp16: the GEMVs keep fp32
 
 
+def test_nf4_layer_hands_its_fp16_scales_to_the_ops():
+    import dataclasses
+
+    from model.ops import REFERENCE_OPS
+    from model.quant import NF4Linear
+
+    calls = []
+
+    def spy(x, packed, absmax, shape, *lora, lora_t=None, absmax_half=None):
+        calls.append((absmax, absmax_half))
+        return x
+
+    ops = dataclasses.replace(REFERENCE_OPS, nf4_linear=spy, nf4_linear_swiglu=spy)
+    layer = NF4Linear(64, 8, ops)
+    x = torch.zeros(1, 64)
+    layer(x)
+    layer.absmax16 = half_absmax(layer.absmax.uniform_())
+    layer(x)
+    layer.forward_swiglu(x)
+    assert calls[0][1] is None and all(half is layer.absmax16 for _, half in calls[1:])
+    assert all(absmax is layer.absmax for absmax, _ in calls)
+    # a buffer (what moves absmax moves it too), not saved with the weights
+    assert dict(layer.named_buffers())["absmax16"] is layer.absmax16
+    assert "absmax16" not in layer.state_dict()
+
+
 def test_bitsandbytes_checkpoint_cannot_be_served_unquantized(bnb_folder):
     with pytest.raises(ModelSourceError) as err:
         load_model(str(bnb_folder), quantize="none", device="cpu")

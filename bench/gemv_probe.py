@@ -21,6 +21,7 @@ import triton
 from bench.kernels import SHAPES, copy_bandwidth, graph_time_us, quantized
 from kernels import nf4_linear as gemv
 from kernels import reference
+from model.quant import half_absmax
 
 
 def probe(bnb, bw, name, n, k, swiglu, rows_list, fma_only=False, half=False) -> list[dict]:
@@ -29,11 +30,9 @@ def probe(bnb, bw, name, n, k, swiglu, rows_list, fma_only=False, half=False) ->
     n_out = n // 2 if swiglu else n
     wbytes = n * k // 2 + n * k // 64 * (2 if half else 4)
     copies = max(2, -(-256 * 2**20 // wbytes))
+    # with half, the GEMVs read fp16 scales as the model hands them; the reference the exact ones
     sets = quantized(n, k, copies, bnb)
-    if half:  # the GEMVs read fp16 scales (model.quant.half_absmax); the reference the exact ones
-        sets = [(p, a, s, {"absmax_half": a.half()}) for p, a, s in sets]
-    else:
-        sets = [(p, a, s, {}) for p, a, s in sets]
+    sets = [(p, a, s, {"absmax_half": half_absmax(a)} if half else {}) for p, a, s in sets]
     a = torch.randn(16, k, device="cuda", dtype=torch.bfloat16) * 0.01
     b = torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.01
     rows = []

@@ -81,9 +81,8 @@ def _nf4_linear(x, packed, absmax, shape, lora_a, lora_b, lora_scale, swiglu, lo
     words = packed.reshape(-1).view(torch.int32)  # little-endian: byte i of a word is bits 8i..8i+7
     # fp16 block scales (half the bytes) where the layer keeps them, for 16-bit x only: fp32 x
     # keeps exact codes and scales
-    half = absmax_half is not None and x_kind > 0
-    scales = (absmax_half if half else absmax).reshape(-1).contiguous()
-    scales = scales if half else scales.float()
+    scales = absmax_half if absmax_half is not None and x_kind > 0 else absmax.float()
+    scales = scales.reshape(-1).contiguous()
     rank = 0 if lora_a is None else lora_a.shape[0]
     b = lora_b.contiguous() if rank else scales
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)

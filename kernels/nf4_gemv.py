@@ -250,13 +250,29 @@ def uses_half(cfg: tuple) -> bool:
     return cfg[0] != "mma" and len(cfg) == 6 and cfg[5] == 2
 
 
+def kernel_constants(
+    cfg, m, n_out, k, rank, t_splits, x_kind, swiglu, interpret, use_pdl
+) -> dict:  # fmt: skip
+    """The kernel's constexprs and launch options for config cfg: m rows of x, an (N, k) weight
+    giving n_out outputs, LoRA rank (0: none) with t in t_splits partial sums."""
+    bn, bkw, warps, stages, per_sm, lut = cfg
+    return dict(
+        MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)),
+        TSP=triton.next_power_of_2(t_splits), BN=bn, BKW=bkw,
+        X_KIND=x_kind, SWIGLU=swiglu, DECODE=0 if interpret else 1 + (lut > 0),
+        EVEN=n_out % bn == 0 and (k // 8) % bkw == 0, HALF=lut == 2,
+        NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
+        launch_pdl=use_pdl, enable_fp_fusion=True,
+    )  # fmt: skip
+
+
 def launch_gemv(
     cfg, xv, words, scales, code, t, b, y, m, n_out, k, lora_scale, x_kind, swiglu, interpret,
     use_pdl=False,
 ):  # fmt: skip
     """One launch of the kernel above for config cfg (kernels.nf4_tune.CONFIGS[1 or 2]); t and b
     None without LoRA; code the exact fp32 code table; other arguments as in the kernel."""
-    bn, bkw, warps, stages, per_sm, lut = cfg
+    lut = cfg[5]
     if lut and x_kind == 0:
         raise ValueError(f"config {cfg} rounds the codes to fp16: not for fp32 x")
     rank = 0 if t is None else t.shape[2]
@@ -269,14 +285,8 @@ def launch_gemv(
         m, 0 if t is None else t.shape[0], n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0),
         y.stride(0), float(lora_scale),
     )  # fmt: skip
-    consts = dict(
-        MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)),
-        TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), BN=bn, BKW=bkw,
-        X_KIND=x_kind, SWIGLU=swiglu, DECODE=0 if interpret else 1 + (lut > 0),
-        EVEN=n_out % bn == 0 and (k // 8) % bkw == 0, HALF=lut == 2,
-        NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
-        launch_pdl=use_pdl, enable_fp_fusion=True,
-    )  # fmt: skip
+    t_splits = 1 if t is None else t.shape[0]
+    consts = kernel_constants(cfg, m, n_out, k, rank, t_splits, x_kind, swiglu, interpret, use_pdl)
     programs = (grid(cfg, n_out, y.device),)
     if consts["DECODE"] == 2:  # the byte table's static shared memory, next to Triton's
         allow_table(_nf4_gemv_kernel, programs, args, consts, y.device)

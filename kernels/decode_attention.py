@@ -21,7 +21,8 @@ head) pair and all G query heads that share it, so each K/V row is read once; it
 up to the row's own length, read from `positions` on the device, so a CUDA graph captured
 for a long attention bucket still reads no more than the real context. Long contexts are split
 over SPLITS programs per pair (flash-decoding); partial results are merged in a second small
-kernel. Softmax is online in fp32 (running max m, sum denom), the output rounded once.
+kernel (kernels/attention_merge.py). Softmax is online in fp32 (running max m, sum denom), the
+output rounded once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels import nf4_lora, pdl, rope
+from kernels.attention_merge import merge_splits
 
 SPLIT_TOKENS = 512  # keys per program before the work is split (decode at 8k: 16 splits)
 # Elements of A a program holds through its loop for the LoRA partials: Llama-3-8B's 4 heads x 16
@@ -142,33 +144,6 @@ def _decode_attention_kernel(
         tl.store(ml_ptr + part * 2 + 1, denom, mask=g < G)
 
 
-@triton.jit
-def _merge_splits_kernel(
-    part_ptr,  # (SPLITS, B, Hq, D) fp32 unnormalised partial outputs
-    ml_ptr,  # (SPLITS, B, Hq, 2) fp32 max and sum of each split
-    o_ptr,  # (B, Hq, D) output
-    BH,  # B * Hq: distance between splits, in (sequence, head) pairs
-    D: tl.constexpr,  # head dim
-    SPLITS: tl.constexpr,  # number of splits
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-):
-    bh = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, D)
-    pdl.wait(PDL)
-    pdl.release(PDL)
-    m = tl.full((1,), float("-inf"), tl.float32)
-    for i in tl.static_range(SPLITS):
-        m = tl.maximum(m, tl.load(ml_ptr + (i * BH + bh) * 2 + tl.arange(0, 1)))
-    denom = tl.zeros((1,), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
-    for i in tl.static_range(SPLITS):
-        mi = tl.load(ml_ptr + (i * BH + bh) * 2 + tl.arange(0, 1))
-        w = tl.where(mi == float("-inf"), 0.0, tl.exp2(mi - m))  # (1,)
-        denom += w * tl.load(ml_ptr + (i * BH + bh) * 2 + 1 + tl.arange(0, 1))
-        acc += tl.sum(w) * tl.load(part_ptr + (i * BH + bh) * D + d)
-    tl.store(o_ptr + bh * D + d, (acc / tl.sum(denom)).to(o_ptr.dtype.element_ty))
-
-
 def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=None):
     """The launches behind both public functions: (out (B, 1, Hq * D), t or None). new: None, or
     (k, v, cos, sin) of the new tokens for ROPE."""
@@ -213,10 +188,7 @@ def _attend(q, k_cache, v_cache, positions, rows, attn_len, new=None, lora_a=Non
         launch_pdl=use_pdl, enable_fp_fusion=new is None,
     )  # fmt: skip
     if splits > 1:
-        _merge_splits_kernel[(bsz * hq,)](
-            part, ml, out, bsz * hq, D=d, SPLITS=splits, PDL=use_pdl, num_warps=1,
-            launch_pdl=use_pdl, enable_fp_fusion=True,
-        )  # fmt: skip
+        merge_splits(part, ml, out, use_pdl)
     return out.reshape(bsz, 1, hq * d), t
 
 

@@ -138,7 +138,8 @@ _COMPILE_CHECK = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.decode_attention import _decode_attention_kernel, _merge_splits_kernel
+from kernels.attention_merge import _merge_splits_kernel
+from kernels.decode_attention import _decode_attention_kernel
 
 target = GPUTarget("cuda", 90, 32)
 sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", rows_ptr="*i64", o_ptr="*bf16",

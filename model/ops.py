@@ -35,6 +35,9 @@ class Ops:
     nf4_linear: Callable
     nf4_linear_swiglu: Callable
     nf4_dequantize: Callable
+    # (scores, top_k, top_p, generator) -> next tokens, or None where top_k is out of its range;
+    # None: no fused op (model.sampling's weights and draw)
+    sample_top_k: Callable | None
 
 
 REFERENCE_OPS = Ops(
@@ -51,12 +54,23 @@ REFERENCE_OPS = Ops(
     nf4_linear=reference.nf4_linear,
     nf4_linear_swiglu=reference.nf4_linear_swiglu,
     nf4_dequantize=reference.nf4_dequantize,
+    sample_top_k=None,
 )
 
 
 def triton_ops() -> Ops:
     """The Triton kernels; imported on demand so CPU-only installs never compile anything."""
-    from kernels import decode_attention, embedding, nf4, nf4_linear, rmsnorm, rmsnorm_lora, rope, swiglu
+    from kernels import (
+        decode_attention,
+        embedding,
+        nf4,
+        nf4_linear,
+        rmsnorm,
+        rmsnorm_lora,
+        rope,
+        swiglu,
+        top_k_sample,
+    )
 
     return Ops(
         name="Triton",
@@ -72,6 +86,7 @@ def triton_ops() -> Ops:
         nf4_linear=nf4_linear.nf4_linear,
         nf4_linear_swiglu=nf4_linear.nf4_linear_swiglu,
         nf4_dequantize=nf4.nf4_dequantize,
+        sample_top_k=top_k_sample.sample_top_k,
     )
 
 

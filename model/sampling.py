@@ -3,7 +3,10 @@ repetition penalty, then temperature, top-k, top-p. Temperature 0 is greedy (arg
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 ARGMAX_CHUNK = 256  # elements a first-pass maximum covers
 
@@ -21,24 +24,6 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return where.gather(-1, chunk).add_(chunk, alpha=ARGMAX_CHUNK).squeeze(-1)  # one kernel for both
 
 
-def softmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.softmax(dim=-1) of a 2-D x. On a GPU, long rows take their maximum and their sum in two
-    passes (each chunk's, then the row's), like argmax_rows: torch's softmax takes a row in one
-    block, 55 us for a 128,256-logit row on an H100, and sampling ran two a token (bench/NOTES.md,
-    session 15). The same values but for the last bits of the sum's order."""
-    v = x.shape[-1]
-    if x.device.type != "cuda" or x.dtype != torch.float32 or v % ARGMAX_CHUNK or v < 4 * ARGMAX_CHUNK:
-        return x.softmax(dim=-1)
-    return softmax_two_pass(x)
-
-
-def softmax_two_pass(x: torch.Tensor) -> torch.Tensor:
-    """softmax_rows' GPU path (any device; fp32 x, v a multiple of ARGMAX_CHUNK): exp(x - max) / sum."""
-    chunks = (x.shape[0], x.shape[1] // ARGMAX_CHUNK, ARGMAX_CHUNK)
-    e = (x - x.reshape(chunks).amax(dim=-1).amax(dim=-1, keepdim=True)).exp()
-    return e / e.reshape(chunks).sum(dim=-1).sum(dim=-1, keepdim=True)
-
-
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty as transformers applies it: scores of seen tokens / penalty if > 0 else * penalty.
 
@@ -50,44 +35,51 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest nucleus of mass top_p."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-        cumulative = softmax_rows(sorted_logits).cumsum(dim=-1)
-        drop_sorted = cumulative <= 1 - top_p
-        drop_sorted[..., -1] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+def top_values(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk(scores, k).values of a 2-D scores (each row's k largest, descending, ties
+    repeated), in two passes when the rows are long and k small: each chunk's k largest, then
+    the k largest of those, exact since no chunk holds more than k of them. On a GPU torch takes
+    one 128,256-logit row through its multi-pass top-k (bench/NOTES.md, session 18)."""
+    rows, v = scores.shape
+    if k >= v:
+        return scores.sort(dim=-1, descending=True).values
+    if v % ARGMAX_CHUNK or v < 4 * ARGMAX_CHUNK or 4 * k > ARGMAX_CHUNK:
+        return scores.topk(k, dim=-1).values
+    firsts = scores.view(rows, v // ARGMAX_CHUNK, ARGMAX_CHUNK).topk(k, dim=-1).values
+    return firsts.view(rows, -1).topk(k, dim=-1).values
 
 
-def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scores sampling draws from (-inf where filtered) and their token ids (None: the scores
-    cover the whole vocabulary, (B, V)).
+def sampling_weights(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """(B, V) weights proportional to the probabilities transformers' top-k then top-p warpers
+    leave (the softmax of the scores they keep), 0 where they filter; no host sync, and with
+    top-k on no sort of the vocabulary, only of the k largest scores.
 
-    With top-k on, the tokens at or above each row's k-th score (k of them, more on a tie at it,
-    which transformers keeps) are the only ones filter_top_k_top_p can keep, so top-p sorts
-    those instead of V (128k for Llama 3). Same scores kept, same probabilities; where tokens
-    tie at the top-p cut, which of them is kept is as arbitrary as in the whole-vocabulary sort.
-    That path counts the ties on the host, which on a GPU is a sync in the middle of sampling
-    (the kernels after it can no longer be queued behind the decode step): there the whole
-    vocabulary is filtered instead, a sort the GPU does in microseconds. The app's default
-    sampling ran at 94% of the greedy decode rate that way on an H200 and at 87-88% with the sync
-    on an H100 (bench/NOTES.md).
-    """
-    if 0 < top_k < logits.shape[-1] and logits.device.type == "cpu":
-        values, index = torch.topk(logits, top_k, dim=-1)
-        kth = values[..., -1:]
-        reach = int((logits >= kth).sum(dim=-1).max())  # k, or more where tokens tie at the k-th
-        if reach > top_k:
-            values, index = torch.topk(logits, reach, dim=-1)
-            values = values.masked_fill(values < kth, float("-inf"))  # rows with fewer ties
-        return filter_top_k_top_p(values, 0, top_p), index
-    return filter_top_k_top_p(logits, top_k, top_p), None
+    Top-k keeps every score at or above the k-th largest (all its ties). Top-p sorts the kept
+    scores ascending and drops those whose cumulative probability stays at or below 1 - top_p,
+    never the last. So a value v is dropped wholly below some cut score, kept wholly above it,
+    and at it m of its n tied tokens stay: transformers keeps which m its sort's order of ties
+    says, here each of the n gets m / n of its weight, which is the draw's distribution over a
+    random order of the ties. The k largest scores hold the k-th one as often as it ranks in
+    them; it stands for all its ties in the vocabulary."""
+    v = scores.shape[-1]
+    if not 0 < top_k < v and top_p >= 1.0:
+        return (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    top = top_values(scores, top_k if 0 < top_k < v else v).flip(-1)  # ascending
+    kth, peak = top[:, :1], top[:, -1:]
+    at_kth = top == kth
+    ties = torch.where(at_kth, (scores == kth).sum(-1, keepdim=True), 0)  # the k-th score's, in V
+    unit = (top - peak).exp()  # a token's weight, the largest score's 1
+    first = torch.searchsorted(top, top).clamp_(max=top.shape[-1] - 1)  # each run's start (NaN: past)
+    count = torch.where(at_kth, ties, torch.searchsorted(top, top, right=True) - first)
+    mass = unit * torch.where(at_kth, ties / at_kth.sum(-1, keepdim=True), 1.0)
+    below = F.pad(mass.cumsum(-1)[:, :-1], (1, 0)).gather(-1, first)  # mass of smaller values
+    room = (1.0 - top_p) * mass.sum(-1, keepdim=True) - below  # what the run may drop
+    dropped = torch.where(unit > 0, (room / unit).floor().clamp(min=0), count).minimum(count)
+    dropped = torch.where(top == peak, dropped.minimum(count - 1), dropped)  # keep the last
+    kept = (count - dropped) / count
+    cut = (kept > 0).int().argmax(dim=-1, keepdim=True)  # the first value not dropped wholly
+    at, share = top.gather(-1, cut), kept.gather(-1, cut)
+    return (scores - peak).exp() * torch.where(scores > at, 1.0, torch.where(scores == at, share, 0.0))
 
 
 def sample(
@@ -98,21 +90,23 @@ def sample(
     top_p: float,
     repetition_penalty: float,
     generator: torch.Generator | None,
+    fused: Callable | None = None,
 ) -> torch.Tensor:
-    """The next token of each row, (B,) int64."""
+    """The next token of each row, (B,) int64. fused: the model's Ops.sample_top_k (Triton, on
+    CUDA): it draws where top-k is on, within its range, else this module's weights and draw."""
     logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
     if temperature == 0:
         return argmax_rows(logits)
-    scores, index = candidates(logits / temperature, top_k, top_p)
-    choice = draw(softmax_rows(scores), generator)
-    return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
+    scores = logits / temperature
+    tokens = None if fused is None else fused(scores, top_k, top_p, generator)
+    return draw(sampling_weights(scores, top_k, top_p), generator).squeeze(-1) if tokens is None else tokens
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token a row, (B, 1): torch.multinomial(probs, 1)'s own draw (the exponential race,
     the same generator use, the same token), without its validity checks, which read the
     probabilities on the host: on a GPU a sync that would stop the next decode step from being
-    queued behind this one (model/scheduler.py). Softmax output needs no check; logits that
+    queued behind this one (model/scheduler.py). sampling_weights' output needs no check; logits that
     are NaN (a broken model) give some token instead of an error, as greedy always did."""
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return argmax_rows(probs / race)[:, None]

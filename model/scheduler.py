@@ -237,8 +237,9 @@ class Scheduler:
         r = row.request
         seen = self.seen[row.slot : row.slot + 1]
         return sample(
-            logits[None], seen, r.temperature, r.top_k, r.top_p, r.repetition_penalty, row.generator
-        )
+            logits[None], seen, r.temperature, r.top_k, r.top_p, r.repetition_penalty, row.generator,
+            self.runner.model.ops.sample_top_k,
+        )  # fmt: skip
 
     def emit(self, row: Row, token_id: int) -> None:
         """Hand a sampled token to its request, or end the row."""

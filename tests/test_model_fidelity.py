@@ -35,7 +35,7 @@ from model.engine import GenerationSettings
 from model.loader import LoadedModel, build, load_model
 from model.ops import REFERENCE_OPS
 from model.quant import NF4Linear, quantize_nf4
-from model.sampling import apply_repetition_penalty, candidates, draw, filter_top_k_top_p, sample
+from model.sampling import apply_repetition_penalty, draw, sample, sampling_weights
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -194,19 +194,35 @@ def test_nf4linear_dequantize_equals_bitsandbytes(shape, dtype):
 # ---- sampling against transformers' logits processors ----
 
 
+def transformers_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' top-k then top-p warpers (as generate applies them): -inf where filtered."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores.clone())
+    return TopPLogitsWarper(top_p)(None, scores.clone()) if top_p < 1.0 else scores
+
+
+def tie_shared(scores: torch.Tensor, filtered: torch.Tensor) -> torch.Tensor:
+    """The probabilities of transformers' filter over a random order of tied scores: of the n
+    tokens of a value, m kept, each gets m / n of its probability."""
+    keep, out = ~torch.isinf(filtered), torch.zeros_like(scores)
+    for r in range(scores.shape[0]):
+        for value in scores[r][keep[r]].unique():
+            same = scores[r] == value
+            out[r, same] = (keep[r] & same).sum() / same.sum() * torch.exp(value - scores[r].max())
+    return out / out.sum(-1, keepdim=True)
+
+
 @pytest.mark.parametrize(
     "temperature, top_k, top_p, penalty",
-    [(1.0, 0, 1.0, 1.0), (0.7, 50, 0.95, 1.0), (1.3, 5, 0.5, 1.2), (0.5, 0, 0.9, 0.8), (1.0, 999, 0.3, 1.1)],
-)
-def test_sampling_filters_match_transformers(temperature, top_k, top_p, penalty):
-    from transformers import (
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    [(1.0, 0, 1.0, 1.0), (0.7, 50, 0.95, 1.0), (1.3, 5, 0.5, 1.2), (0.5, 0, 0.9, 0.8), (1.0, 999, 0.3, 1.1),
+     (1.0, 1, 0.9, 1.0), (0.7, 64, 0.999, 1.0), (1.0, 300, 0.01, 1.0)],
+)  # fmt: skip
+def test_sampling_weights_match_transformers(temperature, top_k, top_p, penalty):
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(top_k)
     logits = torch.randn(3, 1000, generator=generator) * 4
     context = torch.randint(0, 1000, (3, 40), generator=generator)
     seen = torch.zeros(3, 1000, dtype=torch.bool).scatter(1, context, True)
@@ -214,15 +230,11 @@ def test_sampling_filters_match_transformers(temperature, top_k, top_p, penalty)
     expected = (
         RepetitionPenaltyLogitsProcessor(penalty)(context, logits.clone()) if penalty != 1.0 else logits
     )
-    expected = TemperatureLogitsWarper(temperature)(context, expected)
-    if top_k:
-        expected = TopKLogitsWarper(top_k)(context, expected)
-    if top_p < 1.0:
-        expected = TopPLogitsWarper(top_p)(context, expected)
-    ours = filter_top_k_top_p(apply_repetition_penalty(logits, seen, penalty) / temperature, top_k, top_p)
-    assert torch.equal(torch.isinf(ours), torch.isinf(expected))
-    torch.testing.assert_close(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)], atol=0, rtol=0)
-    assert (~torch.isinf(ours)).sum(-1).min() >= 1
+    expected = transformers_filter(TemperatureLogitsWarper(temperature)(context, expected), top_k, top_p)
+    weights = sampling_weights(apply_repetition_penalty(logits, seen, penalty) / temperature, top_k, top_p)
+    assert torch.equal(weights > 0, ~torch.isinf(expected))  # the same tokens kept
+    probs = weights / weights.sum(-1, keepdim=True)
+    torch.testing.assert_close(probs, expected.softmax(-1), atol=0, rtol=2e-6)
 
     # Temperature 0 is greedy after the penalty; a seeded generator makes sampling repeatable and
     # never picks a filtered-out token.
@@ -232,50 +244,62 @@ def test_sampling_filters_match_transformers(temperature, top_k, top_p, penalty)
         for _ in range(2)
     ]
     assert torch.equal(draws[0], draws[1])
-    assert not torch.isinf(ours.gather(1, draws[0][:, None])).any()
+    assert not torch.isinf(expected.gather(1, draws[0][:, None])).any()
 
 
-@pytest.mark.parametrize("top_k, top_p", [(50, 0.95), (5, 0.5), (50, 1.0), (1, 0.9)])
-@pytest.mark.parametrize("ties", [False, True])
-def test_top_k_candidates_keep_what_the_whole_vocabulary_filter_keeps(top_k, top_p, ties):
-    generator = torch.Generator().manual_seed(top_k)
-    logits = torch.randn(4, 5000, generator=generator) * 3
-    if ties:  # bf16 logits, as the GPU's: many ties, some at the k-th score
-        logits = logits.bfloat16().float()
-        kth = torch.topk(logits[1], top_k).values[-1]
-        logits[1, :40] = kth  # row 1 ties at its k-th score; the other rows need not
-    scores, index = candidates(logits, top_k, top_p)
-    assert index is not None and scores.shape[1] >= top_k
-    spread = torch.full_like(logits, float("-inf")).scatter(1, index, scores)
-    whole = filter_top_k_top_p(logits, top_k, top_p)
-    assert torch.equal(torch.isinf(spread).sum(-1), torch.isinf(whole).sum(-1))
-    # The same kept scores, so the same distribution of draws (which of several tokens tied at
-    # the top-p cut is kept is arbitrary in both).
-    kept = lambda x: x[~torch.isinf(x)].sort().values  # noqa: E731
-    assert torch.equal(kept(spread), kept(whole))
-    if not ties:
-        assert torch.equal(spread, whole)
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.95), (5, 0.5), (50, 1.0), (1, 0.9), (0, 0.9), (64, 0.001)])
+@pytest.mark.parametrize("levels", [2, 8, 64])
+def test_tied_scores_share_what_transformers_keeps_of_them(top_k, top_p, levels):
+    """bf16 logits tie often, at the k-th score and at top-p's cut too: transformers keeps some
+    of the tied tokens, in its sort's order; each of them gets that share here."""
+    generator = torch.Generator().manual_seed(top_k + levels)
+    scores = (torch.randn(4, 3000, generator=generator) * levels).round() / levels
+    scores[1, :40] = torch.topk(scores[1], max(top_k, 1)).values[-1]  # 40 more ties at the k-th
+    scores[2] = 1.5  # every score the same
+    weights = sampling_weights(scores, top_k, top_p)
+    expected = tie_shared(scores, transformers_filter(scores, top_k, top_p))
+    assert torch.equal(weights > 0, expected > 0)
+    torch.testing.assert_close(weights / weights.sum(-1, keepdim=True), expected, atol=0, rtol=2e-6)
 
 
 def test_a_tie_at_the_kth_score_keeps_every_tied_token():
-    from transformers import TopKLogitsWarper
-
     logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0], [6.0, 5.0, 4.0, 2.0, 1.0, 0.0]])
-    scores, index = candidates(logits, 3, 1.0)
-    spread = torch.full_like(logits, float("-inf")).scatter(1, index, scores)
-    assert torch.equal(spread, TopKLogitsWarper(3)(None, logits.clone()))
-    assert (~torch.isinf(spread)).sum(-1).tolist() == [5, 3]
+    weights = sampling_weights(logits, 3, 1.0)
+    assert (weights > 0).sum(-1).tolist() == [5, 3]
+    assert torch.equal(weights > 0, ~torch.isinf(transformers_filter(logits, 3, 1.0)))
     draws = {int(sample(logits[:1], torch.zeros_like(logits[:1], dtype=torch.bool), 1.0, 3, 1.0, 1.0,
                         torch.Generator().manual_seed(s))) for s in range(200)}  # fmt: skip
     assert draws <= {0, 1, 2, 3, 4} and {2, 3, 4} & draws
 
 
-def test_off_the_cpu_top_k_filters_the_whole_vocabulary():
-    """The candidates path counts ties on the host; on a GPU that would be a sync in the middle of
-    sampling, so there the whole-vocabulary filter runs (meta tensors stand in for CUDA ones)."""
-    logits = torch.empty(2, 1000, device="meta")
-    scores, index = candidates(logits, 50, 0.95)
-    assert index is None and scores.shape == logits.shape
+@pytest.mark.parametrize("k", [1, 5, 50, 64, 65, 300])
+def test_top_values_are_torch_topk_values(k):
+    """top_values takes long rows in two passes (each chunk's k largest, then theirs): torch's
+    values, ties repeated (bf16 logits: many)."""
+    from model.sampling import top_values
+
+    scores = torch.randn(3, 128256, generator=torch.Generator().manual_seed(k)).bfloat16().float()
+    scores[1, 1000:1100] = scores[1].max()  # the largest, 100 times
+    assert torch.equal(top_values(scores, k), torch.topk(scores, k).values)
+    assert torch.equal(top_values(scores[:, :1000], k), torch.topk(scores[:, :1000], k).values)
+
+
+def test_sampling_reads_nothing_on_the_host():
+    """A host read in sampling would be a sync on a GPU, stopping the next decode step from being
+    queued behind this one: the whole path runs on meta tensors, which have no values."""
+    logits = torch.empty(2, 128256, device="meta")
+    seen = torch.zeros(2, 128256, dtype=torch.bool, device="meta")
+    for top_k, top_p, penalty in [(50, 0.95, 1.0), (0, 0.9, 1.1), (0, 1.0, 1.0), (300, 1.0, 1.0)]:
+        assert sample(logits, seen, 0.7, top_k, top_p, penalty, None).shape == (2,)
+
+
+def test_nan_or_infinite_logits_give_some_token():
+    """A broken model (NaN logits) gives some token, as greedy does, instead of an error."""
+    logits = torch.randn(3, 1000)
+    logits[0, 5], logits[1, :500], logits[2] = float("nan"), float("-inf"), float("-inf")
+    for top_k, top_p in [(50, 0.9), (0, 0.9), (600, 0.5), (0, 1.0)]:
+        tokens = sample(logits, torch.zeros_like(logits, dtype=torch.bool), 0.7, top_k, top_p, 1.0, None)
+        assert tokens.shape == (3,) and 500 <= tokens[1] < 1000
 
 
 def test_draw_is_torch_multinomial_without_its_host_checks():
@@ -307,26 +331,6 @@ def test_two_pass_argmax_is_torch_argmax(dtype, vocab):
         x[3, vocab // 3 :: 7] = float("nan")  # torch takes the first NaN
         x[4, 5] = float("inf")
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), levels
-
-
-@pytest.mark.parametrize("vocab", [128256, 49152, 1024])
-def test_two_pass_softmax_is_torch_softmax(vocab):
-    """Sampling's softmax on a GPU (model.sampling.softmax_rows) takes the row's maximum and sum
-    in two passes: torch's probabilities but for rounding, -inf entries 0, an all -inf row NaN
-    as in torch. Run here on the CPU, where softmax_rows itself is torch's."""
-    from model.sampling import softmax_rows, softmax_two_pass
-
-    gen = torch.Generator().manual_seed(vocab)
-    x = 4 * torch.randn(5, vocab, generator=gen)
-    x[1, vocab // 3 :] = float("-inf")  # top-k / top-p filtered
-    x[2] = x[2].to(torch.bfloat16).float()  # ties, as bf16 logits have them
-    x[3] = x[3] + 80  # large logits: the maximum is subtracted first
-    x[4] = float("-inf")
-    ours, want = softmax_two_pass(x), x.softmax(dim=-1)
-    # torch's CPU softmax takes a faster exp (up to ~1.5e-5 relative); torch.exp is within ~1 ulp
-    torch.testing.assert_close(ours[:4], want[:4], atol=1e-9, rtol=3e-5)
-    assert (ours[1, vocab // 3 :] == 0).all() and ours[4].isnan().all() and want[4].isnan().all()
-    torch.testing.assert_close(softmax_rows(x), want, atol=0, rtol=0, equal_nan=True)  # the CPU keeps torch's
 
 
 def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(tiny_folder, monkeypatch):

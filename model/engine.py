@@ -279,12 +279,12 @@ class Engine:
 
     def _warm_up(self) -> None:
         """With CUDA graphs: tune the kernels and capture the decode step of every batch size and
-        attention length now, for the base model and each adapter, so that no request waits for
-        it (a batch size first met mid-generation stalled every stream while it tuned; the first
-        start on a machine tunes for a minute or more); and the prefill of one prompt at every
-        graph width. A prefill of several prompts is captured at its first use (model/runner.py),
-        and so is an adapter loaded later. Runs before the engine serves anything, from the
-        loading thread: the worker is idle."""
+        attention length now (sampling's and greedy's), for the base model and each adapter, so
+        that no request waits for it (a batch size first met mid-generation stalled every stream
+        while it tuned; the first start on a machine tunes for a minute or more); and the prefill
+        of one prompt at every graph width. A prefill of several prompts is captured at its first
+        use (model/runner.py), and so is an adapter loaded later. Runs before the engine serves
+        anything, from the loading thread: the worker is idle."""
         if not isinstance(self.runner, GraphRunner):
             return
         runner = self.runner
@@ -296,7 +296,8 @@ class Engine:
             self.scheduler.use_adapter(adapter)
             for batch in runner.batch_sizes:
                 for bucket in runner.buckets:  # the last position a bucket covers selects it
-                    runner.decode([0] * batch, [bucket - 1] * batch, adapter)
+                    for greedy in (False, True):
+                        runner.decode([0] * batch, [bucket - 1] * batch, adapter, greedy)
             for width in runner.prefill_widths():
                 runner.prefill([0] * width)
         self.scheduler.use_adapter(None)

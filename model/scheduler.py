@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.runner import PREFILL_CHUNK, Runner
-from model.sampling import argmax_rows, sample
+from model.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Flight:
     tokens: torch.Tensor  # (n,) each row's next token, on the device
     host: torch.Tensor  # the same in host memory once `ready` has passed
     ready: torch.cuda.Event | None  # None on a CPU: nothing to wait for
+    greedy: bool  # its rows all take the argmax: the runner fed the tokens to the next step
 
     def read(self) -> list[int]:
         if self.ready is not None:
@@ -290,35 +291,39 @@ class Scheduler:
         rows = [row for row in self.rows.values() if row.request.adapter == adapter]
         # a copy from the host waits for the stream: made before the step is queued, not after
         slots = torch.tensor([row.slot for row in rows], device=self.device)
-        logits = self.runner.decode(tokens, positions, adapter)
-        return self.choose(rows, slots, adapter, logits)
+        greedy = all(row.request.temperature == 0 and row.request.repetition_penalty == 1 for row in rows)
+        out = self.runner.decode(tokens, positions, adapter, greedy)
+        return self.choose(rows, slots, adapter, out, greedy)
 
     def follow(self, flight: Flight) -> Flight:
         """Queue the step after `flight`, fed from its tokens on the device, under its adapter
         (an admission in between may have activated another one)."""
         self.use_adapter(flight.adapter)
-        logits = self.runner.decode_following(flight.tokens, flight.slots, flight.adapter)
-        return self.choose(flight.rows, flight.slots, flight.adapter, logits)
+        if flight.greedy:  # the runner fed the argmax already
+            out = self.runner.decode_greedy_following(flight.adapter)
+        else:
+            out = self.runner.decode_following(flight.tokens, flight.slots, flight.adapter)
+        return self.choose(flight.rows, flight.slots, flight.adapter, out, flight.greedy)
 
     def choose(
-        self, rows: list[Row], slots: torch.Tensor, adapter: str | None, logits: torch.Tensor
+        self, rows: list[Row], slots: torch.Tensor, adapter: str | None, out: torch.Tensor, greedy: bool
     ) -> Flight:
-        """Each row's next token from the step's logits, on the device, with no host sync: greedy
-        rows without a penalty take one argmax together, the others sample one by one. The
-        tokens join the seen record where a row has a penalty: only those rows read it, and
-        each row's is reset at its start. A step's small launches outside the graph cost ~4 us
-        each on an H100, so none is made that nothing reads."""
-        if all(row.request.temperature == 0 and row.request.repetition_penalty == 1 for row in rows):
-            in_order = [row.slot for row in rows] == list(range(logits.shape[0]))  # one stream: slot 0
-            tokens = argmax_rows(logits if in_order else logits.index_select(0, slots))
+        """Each row's next token, on the device, with no host sync: greedy rows without a penalty
+        (greedy) took the argmax in the step (out: every slot's), the others sample one by one
+        from the step's logits (out). The tokens join the seen record where a row has a penalty:
+        only those rows read it, and each row's is reset at its start. A step's small launches
+        outside the graph cost ~4 us each on an H100, so none is made that nothing reads."""
+        if greedy:
+            in_order = [row.slot for row in rows] == list(range(out.shape[0]))  # one stream: slot 0
+            tokens = out if in_order else out.index_select(0, slots)
         else:
-            tokens = torch.cat([self.pick(row, logits[row.slot]) for row in rows])
+            tokens = torch.cat([self.pick(row, out[row.slot]) for row in rows])
         if any(row.request.repetition_penalty != 1 for row in rows):  # nobody else reads the record
             self.seen.index_put_((slots, tokens), self.true)
         if tokens.device.type != "cuda":
-            return Flight(rows, slots, adapter, tokens, tokens, None)
+            return Flight(rows, slots, adapter, tokens, tokens, None, greedy)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return Flight(rows, slots, adapter, tokens, host, ready)
+        return Flight(rows, slots, adapter, tokens, host, ready, greedy)

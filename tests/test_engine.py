@@ -357,15 +357,17 @@ def test_cuda_prefill_widths_are_padded_to_few_graph_shapes():
     assert width(1, 60, device="cpu") == 60
 
 
-def test_decode_steps_are_queued_behind_each_other(engine, monkeypatch):
+@pytest.mark.parametrize("temperature", [0, 0.7])
+def test_decode_steps_are_queued_behind_each_other(engine, monkeypatch, temperature):
     """On a GPU, while the same rows go on, each decode step after the first is fed from the one
     before on the device (model/scheduler.py), none past the last token a length limit allows,
-    with the same tokens; on a CPU, where it would only delay tokens, every step is fed anew."""
+    with the same tokens; greedy steps feed their argmax to the next inside the step (the
+    runner's feed_greedy). On a CPU, where it would only delay tokens, every step is fed anew."""
     calls = []
-    for name in ("decode", "decode_following"):
+    for name in ("decode", "decode_following", "decode_greedy_following"):
         method = getattr(engine.runner, name)
         monkeypatch.setattr(engine.runner, name, lambda *a, m=method, n=name: calls.append(n) or m(*a))
-    settings = GenerationSettings(temperature=0, max_new_tokens=8, ignore_eos=True)
+    settings = GenerationSettings(temperature=temperature, max_new_tokens=8, ignore_eos=True, seed=5)
     ids = prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS)
     assert not engine.scheduler.overlap
     alone = run(engine.generate_ids(ids, settings))[2]
@@ -373,7 +375,8 @@ def test_decode_steps_are_queued_behind_each_other(engine, monkeypatch):
     calls.clear()
     monkeypatch.setattr(engine.scheduler, "overlap", True)
     assert run(engine.generate_ids(ids, settings))[2] == alone
-    assert calls == ["decode"] + ["decode_following"] * 6
+    following = "decode_greedy_following" if temperature == 0 else "decode_following"
+    assert calls == ["decode"] + [following] * 6
 
 
 def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, monkeypatch):

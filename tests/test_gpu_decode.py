@@ -60,6 +60,35 @@ def test_graphs_equal_eager(checkpoint, triton):
     assert graphed == eager
 
 
+def test_greedy_steps_feed_themselves_across_a_capture(checkpoint):
+    """Greedy steps feed their argmax to the next inside the step (model.runner.feed_greedy); a
+    capture in the middle of such a chain (a new attention length, no warm-up) puts the inputs
+    back after its warm-up runs. Eager, graphed, and graphed with the argmax outside the graph
+    (the sampling path) give the same tokens across the 256-token attention bucket."""
+    from model.runner import GraphRunner, Runner
+    from model.sampling import argmax_rows
+
+    folder, adapter = checkpoint
+    engine = load(folder, adapter, graphs=False)
+    name = engine.adapters()[0]
+    prompt = list(range(100, 350))  # 250 tokens: the chain crosses position 256
+    chains = []
+    for runner, inside in ((Runner(engine.model), True), (GraphRunner(engine.model), True),
+                           (GraphRunner(engine.model), False)):  # fmt: skip
+        first = int(runner.prefill(prompt)[0].argmax())
+        if inside:
+            tokens = [runner.decode([first], [len(prompt)], adapter=name, greedy=True).clone()]
+            tokens += [runner.decode_greedy_following(name).clone() for _ in range(12)]
+        else:
+            tokens = [argmax_rows(runner.decode([first], [len(prompt)], adapter=name))]
+            for _ in range(12):
+                slots = torch.zeros(1, dtype=torch.long, device="cuda")
+                tokens.append(argmax_rows(runner.decode_following(tokens[-1], slots, name)))
+        chains.append(torch.cat(tokens).tolist())
+    assert len(chains[0]) == 13 and chains[1] == chains[0] and chains[2] == chains[0]
+    engine.close()
+
+
 def test_matches_hf_bnb_peft(checkpoint):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

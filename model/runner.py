@@ -198,13 +198,16 @@ class GraphRunner(Runner):
         # Hopper) for each stream it has run on, so a new stream a capture would add one each.
         self.side = torch.cuda.Stream()
 
-    def record(self, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def record(self, step, reset=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Run `step` for real on a side stream (Triton compiles and tunes outside the capture),
-        then capture it; returns the graph and its output."""
+        then capture it; returns the graph and its output. reset, if given, runs after each of
+        those runs (a step that moves its own inputs on puts them back)."""
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             for _ in range(2):
                 step()
+                if reset is not None:
+                    reset()
         torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA work meanwhile (an adapter loaded from the UI) is
@@ -250,8 +253,8 @@ class GraphRunner(Runner):
 
         The warm-up runs execute the step for the token and position already set, so the K/V they
         write are the ones the replay writes again: capturing mid-generation changes nothing. A
-        greedy step's feed moves the inputs on: they are put back after the warm-up runs (the
-        second one wrote K/V a position ahead, which that position's step writes again).
+        greedy step's feed moves its inputs on: each warm-up run puts them back (a run a position
+        further could pass the end of the cache).
         """
         token, position = self.token[:batch], self.position[:batch]
         inputs = token.clone(), position.clone()
@@ -260,10 +263,11 @@ class GraphRunner(Runner):
             logits = self.model(token, position, attn_len=attn_len)[:, -1]
             return feed_greedy(logits, token, position) if greedy else logits
 
-        graph = self.record(step)
-        token.copy_(inputs[0])
-        position.copy_(inputs[1])
-        return graph
+        def reset() -> None:
+            token.copy_(inputs[0])
+            position.copy_(inputs[1])
+
+        return self.record(step, reset if greedy else None)
 
     def rows_for(self, n: int) -> int:
         """The captured batch size for n sequences; rows past n are free slots fed token 0 at

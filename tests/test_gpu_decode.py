@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -190,8 +192,9 @@ def test_prefill_graphs_equal_eager_prefill(checkpoint):
     folder, adapter = checkpoint
     engine = load(folder, adapter, graphs=True)
     name, runner = engine.adapters()[0], engine.runner
-    captured = set(runner.graphs)  # Engine._warm_up: every batch size and attention length
-    assert captured == {(a, batch, n) for a in (None, name) for batch in (1, 2, 4) for n in (256, 512)}
+    captured = set(runner.graphs)  # Engine._warm_up: every batch size and attention length, both kinds
+    everything = [(None, name), (1, 2, 4), (256, 512), (False, True)]  # adapters, batches, lengths, greedy
+    assert captured == set(itertools.product(*everything))
     one_prompt = {(n, width) for _, n, width, gathered in runner.prefill_graphs if not gathered}
     assert one_prompt == {(1, width) for width in runner.prefill_widths()}  # warmed too
     at_load = len(runner.prefill_graphs)

@@ -204,7 +204,7 @@ def test_a_step_queued_behind_an_admission_keeps_its_adapter(base, hf, adapter_d
     engine = Engine.load(str(base), quantize="none", device="cpu", dtype="float32", max_seq_len=128)
     engine.load_adapter(str(adapter_dirs["all-linear"]), name="a")
     monkeypatch.setattr(engine.scheduler, "overlap", True)
-    prefill, follow = engine.runner.prefill, engine.runner.decode_following
+    prefill, follow = engine.runner.prefill, engine.runner.decode_greedy_following
     monkeypatch.setattr(
         engine.runner, "prefill", lambda ids, slot=0: 1 / 0 if ids[0] == 7 else prefill(ids, slot)
     )
@@ -215,7 +215,7 @@ def test_a_step_queued_behind_an_admission_keeps_its_adapter(base, hf, adapter_d
             late.append(engine.generate_ids([7, 8, 9], GenerationSettings(max_new_tokens=2), adapter="a"))
         return follow(*args)
 
-    monkeypatch.setattr(engine.runner, "decode_following", following)
+    monkeypatch.setattr(engine.runner, "decode_greedy_following", following)  # greedy's follow-up step
     ids = list(range(3, 20))
     settings = GenerationSettings(temperature=0, max_new_tokens=16, ignore_eos=True)
     tokens = [t for event in engine.generate_ids(ids, settings) for t in event.token_ids]

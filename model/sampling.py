@@ -90,15 +90,24 @@ def sample(
     return draw(sampling_weights(scores, top_k, top_p), generator).squeeze(-1) if tokens is None else tokens
 
 
+def running_total(weights: torch.Tensor) -> torch.Tensor:
+    """The cumulative weight of each row, never falling, and flat at a weight of 0 (-inf before
+    the first positive weight): draw's search never lands on a token of weight 0."""
+    return torch.where(weights > 0, weights.cumsum(dim=-1), float("-inf")).cummax(dim=-1).values
+
+
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token a row, (B, 1), drawn with probability weights / their sum (weights >= 0 with a
-    positive sum, as sampling_weights gives): the first token whose cumulative weight reaches a
-    point drawn uniformly in (0, total]. A token of weight 0 is never drawn: its cumulative weight
-    equals the one before it. One random number a row (an exponential race draws one a token:
-    0.7 ms a token for SmolLM2's 49k on two CPU cores), and no host read, which on a GPU would be
-    a sync that stops the next decode step from being queued behind this one. Weights that are
-    NaN (a broken model) give some token instead of an error, as greedy does."""
-    total = weights.cumsum(dim=-1)
+    positive sum, as sampling_weights gives): the first token whose running total of weight
+    reaches a point drawn uniformly in (0, total]. A token of weight 0 is never drawn: its
+    running total is the one before it (-inf before the first positive weight), made so with a
+    running maximum because a GPU's parallel cumsum may step an ulp up or down there (a review
+    measured 2e-7 to 5e-6 of draws on filtered tokens without it, H100). One random number a row
+    (an exponential race draws one a token: 0.7 ms a token for SmolLM2's 49k on two CPU cores),
+    and no host read, which on a GPU would be a sync that stops the next decode step from being
+    queued behind this one. Weights that are NaN (a broken model) give some token instead of an
+    error, as greedy does."""
+    total = running_total(weights)
     uniform = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
     point = (1.0 - uniform) * total[:, -1:]  # in (0, total]
     return torch.searchsorted(total, point).clamp_(max=weights.shape[-1] - 1)

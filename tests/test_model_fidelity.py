@@ -290,6 +290,25 @@ def test_nan_or_infinite_logits_give_some_token():
         assert tokens.shape == (3,) and 500 <= tokens[1] < 1000
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_running_totals_stay_flat_where_the_weight_is_zero(device):
+    """draw searches running totals: at a weight of 0 the total must repeat the one before it
+    exactly. A GPU's parallel cumsum steps an ulp up or down there (a review saw draws land on
+    filtered tokens); the running maximum keeps them flat. Llama-3 rows at top-p 0.9, top-k off."""
+    from model.sampling import running_total
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    scores = (torch.randn(6, 128256, generator=torch.Generator().manual_seed(1)) * 3).bfloat16().float() / 0.7
+    for row in scores.to(device).split(1):  # one row at a time, as the scheduler samples (a row's scan)
+        weights = sampling_weights(row, 0, 0.9)[0]
+        total = running_total(weights[None])[0]
+        assert (total[1:] >= total[:-1]).all()
+        zero = weights[1:] == 0
+        assert torch.equal(total[1:][zero], total[:-1][zero])
+        assert weights[0] > 0 or total[0] == float("-inf")
+
+
 def test_draw_follows_the_weights_and_never_takes_a_zero():
     """draw: each token about as often as its weight says (5 standard deviations over 4000 rows),
     weight-0 tokens never (first, last and between), a seed repeating its draws."""

@@ -48,11 +48,10 @@ def sampling_weights(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     random order of the ties. The k largest scores hold the k-th one as often as it ranks in
     them; it stands for all its ties in the vocabulary."""
     v = scores.shape[-1]
-    if not 0 < top_k < v and top_p >= 1.0:
-        return (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    if not 0 < top_k < v:
+        return top_p_weights(scores, top_p)
     # ascending (torch's top-k beat a two-pass top-k of chunks on the CPU and an H100, session 18)
-    top = scores.topk(top_k).values if 0 < top_k < v else scores.sort(dim=-1, descending=True).values
-    top = top.flip(-1)
+    top = scores.topk(top_k).values.flip(-1)
     kth, peak = top[:, :1], top[:, -1:]
     at_kth = top == kth
     ties = torch.where(at_kth, (scores == kth).sum(-1, keepdim=True), 0)  # the k-th score's, in V
@@ -67,6 +66,24 @@ def sampling_weights(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     kept = (count - dropped) / count
     cut = (kept > 0).int().argmax(dim=-1, keepdim=True)  # the first value not dropped wholly
     at, share = top.gather(-1, cut), kept.gather(-1, cut)
+    return (scores - peak).exp() * torch.where(scores > at, 1.0, torch.where(scores == at, share, 0.0))
+
+
+def top_p_weights(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """sampling_weights without top-k, as transformers' top-p runs: the whole vocabulary sorted
+    ascending, the tokens whose running mass stays at or below 1 - top_p dropped, never the last;
+    the cut score's tokens share what is kept of them. (The run-by-run form of sampling_weights
+    takes 76 small kernels for a 128,256-token vocabulary on an H100, this one about 20.)"""
+    peak = scores.amax(dim=-1, keepdim=True)
+    if top_p >= 1.0:
+        return (scores - peak).exp()
+    ascending = scores.sort(dim=-1).values
+    total = (ascending - peak).exp().cumsum(dim=-1)
+    dropped = total <= (1.0 - top_p) * total[:, -1:]
+    dropped[:, -1] = False
+    at = ascending.gather(-1, (~dropped).int().argmax(dim=-1, keepdim=True))  # the cut score
+    tied = ascending == at
+    share = (tied & ~dropped).sum(-1, keepdim=True) / tied.sum(-1, keepdim=True)
     return (scores - peak).exp() * torch.where(scores > at, 1.0, torch.where(scores == at, share, 0.0))
 
 
@@ -90,24 +107,17 @@ def sample(
     return draw(sampling_weights(scores, top_k, top_p), generator).squeeze(-1) if tokens is None else tokens
 
 
-def running_total(weights: torch.Tensor) -> torch.Tensor:
-    """The cumulative weight of each row, never falling, and flat at a weight of 0 (-inf before
-    the first positive weight): draw's search never lands on a token of weight 0."""
-    return torch.where(weights > 0, weights.cumsum(dim=-1), float("-inf")).cummax(dim=-1).values
-
-
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token a row, (B, 1), drawn with probability weights / their sum (weights >= 0 with a
-    positive sum, as sampling_weights gives): the first token whose running total of weight
-    reaches a point drawn uniformly in (0, total]. A token of weight 0 is never drawn: its
-    running total is the one before it (-inf before the first positive weight), made so with a
-    running maximum because a GPU's parallel cumsum may step an ulp up or down there (a review
-    measured 2e-7 to 5e-6 of draws on filtered tokens without it, H100). One random number a row
-    (an exponential race draws one a token: 0.7 ms a token for SmolLM2's 49k on two CPU cores),
-    and no host read, which on a GPU would be a sync that stops the next decode step from being
-    queued behind this one. Weights that are NaN (a broken model) give some token instead of an
-    error, as greedy does."""
-    total = running_total(weights)
+    positive sum, as sampling_weights gives): the first token of positive weight whose running
+    total reaches a point drawn uniformly in (0, the largest such total]. Tokens of weight 0 are
+    masked out, not trusted to repeat the total before them: a GPU's cumsum of one row is a
+    parallel scan that steps an ulp up or down there, and a search of it drew filtered tokens
+    at 2e-7 to 5e-6 (a review, H100). One random number a row (an exponential race draws one a
+    token: 0.7 ms a token for SmolLM2's 49k on two CPU cores), and no host read, which on a GPU
+    would be a sync that stops the next decode step from being queued behind this one. Weights
+    that are NaN (a broken model) give some token instead of an error, as greedy does."""
+    reach = torch.where(weights > 0, weights.cumsum(dim=-1), float("-inf"))
     uniform = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
-    point = (1.0 - uniform) * total[:, -1:]  # in (0, total]
-    return torch.searchsorted(total, point).clamp_(max=weights.shape[-1] - 1)
+    point = (1.0 - uniform) * reach.amax(dim=-1, keepdim=True)  # in (0, the largest total]
+    return argmax_rows((reach >= point).view(torch.uint8))[:, None]  # the first that reaches it

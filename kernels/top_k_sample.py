@@ -1,8 +1,9 @@
 """Sampling with top-k (up to TOP_K_MAX) and top-p on the GPU in three launches, no host sync.
 
-Reference: model.sampling.sampling_weights then model.sampling.draw (the PyTorch path, CPU and
-large k). The weights are transformers' top-k then top-p filter's softmax, with the tokens tied
-at a cut sharing what it keeps of their value:
+Reference: model.sampling.sampling_weights, then a draw from those weights (the PyTorch path,
+CPU and large k; model.sampling.draw searches the running total, here a race). The weights are
+transformers' top-k then top-p filter's softmax, with the tokens tied at a cut sharing what it
+keeps of their value:
 
     kth    = the k-th largest score;  kept = {s >= kth}  (every tie of the k-th)
     top-p  drops, in ascending order, the kept tokens whose cumulative probability is <= 1 - p,

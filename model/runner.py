@@ -162,8 +162,13 @@ class Runner:
 
     def run(self, adapter: str | None, greedy: bool = False) -> torch.Tensor:
         """The decode step for what the buffers hold: logits (width, V), or greedy's tokens."""
-        token, position = self.token[: self.width], self.position[: self.width]
-        logits = self.model(token, position, attn_len=self.max_position + 1)[:, -1]
+        return self.step(self.width, self.max_position + 1, greedy)
+
+    def step(self, rows: int, attn_len: int, greedy: bool) -> torch.Tensor:
+        """One decode step of buffer rows 0..rows-1 reading the cache up to attn_len: logits
+        (rows, V), or with greedy each row's argmax, fed to the next step (feed_greedy)."""
+        token, position = self.token[:rows], self.position[:rows]
+        logits = self.model(token, position, attn_len=attn_len)[:, -1]
         return feed_greedy(logits, token, position) if greedy else logits
 
 
@@ -259,15 +264,11 @@ class GraphRunner(Runner):
         token, position = self.token[:batch], self.position[:batch]
         inputs = token.clone(), position.clone()
 
-        def step() -> torch.Tensor:
-            logits = self.model(token, position, attn_len=attn_len)[:, -1]
-            return feed_greedy(logits, token, position) if greedy else logits
-
         def reset() -> None:
             token.copy_(inputs[0])
             position.copy_(inputs[1])
 
-        return self.record(step, reset if greedy else None)
+        return self.record(lambda: self.step(batch, attn_len, greedy), reset if greedy else None)
 
     def rows_for(self, n: int) -> int:
         """The captured batch size for n sequences; rows past n are free slots fed token 0 at

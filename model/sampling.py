@@ -66,7 +66,15 @@ def sampling_weights(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     kept = (count - dropped) / count
     cut = (kept > 0).int().argmax(dim=-1, keepdim=True)  # the first value not dropped wholly
     at, share = top.gather(-1, cut), kept.gather(-1, cut)
-    return (scores - peak).exp() * torch.where(scores > at, 1.0, torch.where(scores == at, share, 0.0))
+    return cut_weights(scores, peak, at, share)
+
+
+def cut_weights(
+    scores: torch.Tensor, peak: torch.Tensor, cut: torch.Tensor, share: torch.Tensor
+) -> torch.Tensor:
+    """exp(scores - peak) above the cut score, share of it at the cut, 0 below (peak, cut and
+    share (B, 1)): the weights of a top-k / top-p filter, also from kernels/top_k_sample.py's cut."""
+    return (scores - peak).exp() * torch.where(scores > cut, 1.0, torch.where(scores == cut, share, 0.0))
 
 
 def top_p_weights(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -84,7 +92,7 @@ def top_p_weights(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     at = ascending.gather(-1, (~dropped).int().argmax(dim=-1, keepdim=True))  # the cut score
     tied = ascending == at
     share = (tied & ~dropped).sum(-1, keepdim=True) / tied.sum(-1, keepdim=True)
-    return (scores - peak).exp() * torch.where(scores > at, 1.0, torch.where(scores == at, share, 0.0))
+    return cut_weights(scores, peak, at, share)
 
 
 def sample(

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels.top_k_sample import TOP_K_MAX, cut_scores, sample_top_k  # noqa: E402
-from model.sampling import apply_repetition_penalty, sample, sampling_weights  # noqa: E402
+from model.sampling import apply_repetition_penalty, cut_weights, sample, sampling_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHUNK = 2048 if DEVICE == "cuda" else 256  # several chunks a row on the CPU
@@ -24,9 +24,7 @@ CHUNK = 2048 if DEVICE == "cuda" else 256  # several chunks a row on the CPU
 
 def kernel_weights(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """The weights the race draws from, from the kernels' cut."""
-    peak, cut, share = cut_scores(scores, top_k, top_p, CHUNK).unbind(-1)
-    keep = torch.where(scores > cut[:, None], 1.0, torch.where(scores == cut[:, None], share[:, None], 0.0))
-    return (scores - peak[:, None]).exp() * keep
+    return cut_weights(scores, *cut_scores(scores, top_k, top_p, CHUNK).split(1, dim=-1))
 
 
 def assert_same_probabilities(ours: torch.Tensor, want: torch.Tensor) -> None:

@@ -95,7 +95,7 @@ def report(
     io = "fp32" if x_kind == 0 else dtype
     pointers = dict(
         x_ptr="*fp32" if x_kind == 0 else "*i32", w_ptr="*i32", absmax_ptr=f"*{scales}", code_ptr="*fp32",
-        lut_ptr="*i32", t_ptr="*fp32", b_ptr=f"*{io}", y_ptr=f"*{io}",
+        t_ptr="*fp32", b_ptr=f"*{io}", y_ptr=f"*{io}",
     )  # fmt: skip
     # The integers as a launch passes them: Triton specializes each one that is 1 (a constant)
     # or a multiple of 16 (a divisibility hint, as for every 16-byte-aligned pointer); the hints

@@ -160,7 +160,6 @@ def _nf4_gemv_kernel(
     w_ptr,  # (N, K // 8) int32: the packed NF4 weight, 8 nibbles a word
     absmax_ptr,  # (N, K // 64) fp32 or fp16 block scales
     code_ptr,  # (16,) fp32 code table, fp16-rounded for a LUT config (interpreter decode only)
-    lut_ptr,  # (256,) int32 byte table of fp16 code pairs (nf4_mma_block.lut_words; DECODE 2 only)
     t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T
     b_ptr,  # (N, R) LoRA up weight B; unused when R == 0
     y_ptr,  # (M, N_OUT) output, x's dtype
@@ -186,6 +185,7 @@ def _nf4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # software pipeline depth of the loop
     PERSISTENT: tl.constexpr,  # a program walks a range of tiles in one pipelined loop
     PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
+    WARPS: tl.constexpr,  # num_warps (the byte table's fill divides its entries among the threads)
 ):
     RB: tl.constexpr = BN * (1 + SWIGLU)
     pid = tl.program_id(0)
@@ -195,7 +195,7 @@ def _nf4_gemv_kernel(
         pdl.wait(PDL)
         pdl.release(PDL)
     if DECODE == 2:
-        lane = lut_fill(lut_ptr, tl.zeros((1, 1), tl.int32))
+        lane = lut_fill(tl.zeros((1, 1), tl.int32), WARPS, False)
     else:
         lane = tl.zeros((1, 1), tl.int32)
     xm = tl.arange(0, MP)
@@ -261,7 +261,7 @@ def kernel_constants(
         TSP=triton.next_power_of_2(t_splits), BN=bn, BKW=bkw,
         X_KIND=x_kind, SWIGLU=swiglu, DECODE=0 if interpret else 1 + (lut > 0),
         EVEN=n_out % bn == 0 and (k // 8) % bkw == 0, HALF=lut == 2,
-        NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, num_warps=warps,
+        NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, WARPS=warps, num_warps=warps,
         launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip
 
@@ -276,12 +276,11 @@ def launch_gemv(
     if lut and x_kind == 0:
         raise ValueError(f"config {cfg} rounds the codes to fp16: not for fp32 x")
     rank = 0 if t is None else t.shape[2]
-    codes, table = code, scales
-    if lut:  # codes rounded to fp16: the byte table (GPU), the rounded code table (interpreter)
-        codes = nf4_mma.code_table(torch.float16, y.device)
-        table = nf4_mma.byte_table(torch.float16, y.device)
+    # codes rounded to fp16 for a table config: the interpreter's code table (the GPU computes
+    # its byte table in each program, kernels.nf4_mma_block.lut_fill)
+    codes = nf4_mma.code_table(torch.float16, y.device) if lut else code
     args = (
-        xv, words, scales, codes, table, scales if t is None else t, scales if b is None else b, y,
+        xv, words, scales, codes, scales if t is None else t, scales if b is None else b, y,
         m, 0 if t is None else t.shape[0], n_out, k // 8, k // NF4_BLOCKSIZE, xv.stride(0),
         y.stride(0), float(lora_scale),
     )  # fmt: skip

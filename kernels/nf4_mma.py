@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4_gemv_rows import rows_epilogue, tile_rows
-from kernels.nf4_mma_block import block, load_w, load_x, lut_fill, lut_words, thread_id
+from kernels.nf4_mma_block import block, load_w, load_x, lut_fill, thread_id
 from kernels.nf4_mma_lora import lora_mma
 from kernels.reference import NF4_CODE
 
@@ -56,7 +56,6 @@ def _nf4_mma_kernel(
     w_ptr,  # (N, K // 16) int64: the packed NF4 weight (bitsandbytes' bytes)
     absmax_ptr,  # (N, K // 64) fp32 or fp16 block scales
     code_ptr,  # (16,) fp32 code table rounded to x's dtype (interpreter only)
-    lut_ptr,  # (256,) int32 byte table in x's dtype (nf4_mma_block.lut_words; GPU only)
     t_ptr,  # (T_SPLITS, M, R) fp32 partial sums of the LoRA down-projection x A^T
     b_ptr,  # (N, R) LoRA up weight B, contiguous; unused when R == 0
     y_ptr,  # (M, N_OUT) output, x's dtype
@@ -89,7 +88,7 @@ def _nf4_mma_kernel(
     e = tl.arange(0, WARPS * 32)
     if ASM:
         tid = thread_id(e)
-        lane = lut_fill(lut_ptr, e)
+        lane = lut_fill(e, WARPS, X_KIND == 2)
     else:  # the emulation needs no table; element i is thread i
         tid = e
         lane = e
@@ -214,13 +213,6 @@ def code_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=dtype).float().to(device)
 
 
-@functools.cache
-def byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """nf4_mma_block.lut_words for x's dtype as int32 (the source of each program's byte table)."""
-    words = [w - (1 << 32) if w >= 1 << 31 else w for w in lut_words(dtype)]
-    return torch.tensor(words, dtype=torch.int32, device=device)
-
-
 # (TILES, num_warps, AHEAD) candidates: TILES divides the warps; SwiGLU takes twice the tiles (a
 # gate and an up tile for each tile of output features). Each was within 3% of the best on some
 # Llama-3-8B shape at 1 or 8 rows, with or without LoRA (bench.gemv_probe, H100).
@@ -236,12 +228,12 @@ def launch_mma(
     warps = max(warps, tiles)
     rows = 16 * (tiles // 2 if swiglu else tiles)
     rank = 0 if t is None else t.shape[2]
-    # The GPU decodes through the byte table; the code table is the interpreter's.
+    # The GPU decodes through its byte table (filled in each program); the code table is the
+    # interpreter's.
     dtype = torch.float16 if x_kind == 1 else torch.bfloat16
     code = code_table(dtype, xv.device) if interpret else scales
-    table = scales if interpret else byte_table(dtype, xv.device)
     _nf4_mma_kernel[(triton.cdiv(n_out, rows),)](
-        xv, words64, scales, code, table, scales if t is None else t, scales if b is None else b, y,
+        xv, words64, scales, code, scales if t is None else t, scales if b is None else b, y,
         m, 0 if t is None else t.shape[0], n_out, k // 16, k // 64, xv.stride(0), y.stride(0),
         float(lora_scale),
         R=rank, RP=triton.next_power_of_2(max(rank, 1)),

@@ -84,13 +84,54 @@ def block_ptx(ab: str) -> str:
     return "\n".join(lines)
 
 
+def lut_fill_ptx(dtype: torch.dtype, threads: int) -> str:
+    """PTX: thread %tid.x of `threads` computes table entries e = tid + k * threads (lut_words for
+    dtype, from the 16 codes as immediates: no load) and stores each one's 32 copies, 16 bytes a
+    store, the 8 stores of an entry in the order (g + e) % 8 so that the 8 lanes of a store
+    phase hit 8 different bank quads. Entry e's copies 4g .. 4g + 3 sit at nf4lut + 128 e + 16 g.
+    Past 256 threads, thread t repeats thread t % 256's stores (the same values). The code of
+    nibble n: the n // 2-th word of code pairs (a select tree on bits 1-3), then its half n % 2."""
+    bits = code_bits(dtype)
+    pairs = [bits[2 * j] | bits[2 * j + 1] << 16 for j in range(8)]
+    lines = ["{", ".reg .b32 t, e, n, c, lo, hi, v, a, b, q<8>, s<4>;", ".reg .pred p<4>;"]
+    lines += ["mov.u32 t, %tid.x;", "and.b32 t, t, 255;", "mov.u32 b, nf4lut;"]
+    lines += [f"mov.u32 q{j}, {pairs[j]:#010x};" for j in range(8)]
+
+    def code(dst: str) -> list[str]:  # dst = bits[n]
+        return [
+            "and.b32 c, n, 2;", "setp.ne.u32 p1, c, 0;", "and.b32 c, n, 4;", "setp.ne.u32 p2, c, 0;",
+            "and.b32 c, n, 8;", "setp.ne.u32 p3, c, 0;",
+            "selp.b32 s0, q1, q0, p1;", "selp.b32 s1, q3, q2, p1;", "selp.b32 s2, q5, q4, p1;",
+            "selp.b32 s3, q7, q6, p1;", "selp.b32 s0, s1, s0, p2;", "selp.b32 s2, s3, s2, p2;",
+            "selp.b32 s0, s2, s0, p3;", "and.b32 c, n, 1;", "shl.b32 c, c, 4;", "shr.u32 s0, s0, c;",
+            f"and.b32 {dst}, s0, 0xFFFF;",
+        ]  # fmt: skip
+
+    for k in range(max(1, 256 // threads)):
+        lines += [f"add.u32 e, t, {k * threads};", "shr.u32 n, e, 4;", *code("lo"), "and.b32 n, e, 15;"]
+        lines += [*code("hi"), "shl.b32 hi, hi, 16;", "or.b32 v, lo, hi;"]
+        for g in range(8):
+            lines += [f"add.u32 a, e, {g};", "and.b32 a, a, 7;", "shl.b32 a, a, 4;"]
+            lines += ["mad.lo.u32 a, e, 128, a;", "add.u32 a, a, b;", "st.shared.v4.b32 [a], {v, v, v, v};"]
+    return "\n".join([*lines, "mov.u32 $0, 0;", "}"])
+
+
 # The byte table in shared memory: 256 entries x 32 copies (one a bank, so a warp's 32 lookups
 # never conflict), declared once a kernel (the program-id argument makes it one instance), filled
-# 16 bytes a store, and each lane's column offset.
+# by lut_fill_ptx (a string per 16-bit format and thread count), and each lane's column offset.
+# Computing the entries instead of loading them (as before session 19) took a global load's
+# latency off every program's start: 1-1.9 us a launch on an H100 (bench/NOTES.md).
 _LUT_DECL_PTX = tl.constexpr(".shared .align 16 .b8 nf4lut[32768];\nmov.u32 $0, 0;")
-_LUT_STORE_PTX = tl.constexpr(
-    "{\n.reg .b32 a;\nmov.u32 a, nf4lut;\nmad.lo.u32 a, $1, 16, a;\n"
-    "st.shared.v4.b32 [a], {$2, $2, $2, $2};\nmov.u32 $0, 0;\n}"
+_LUT_FILL_PTX = {
+    (bf16, warps): tl.constexpr(lut_fill_ptx(torch.bfloat16 if bf16 else torch.float16, 32 * warps))
+    for bf16 in (False, True)
+    for warps in (1, 2, 4, 8, 16)
+}
+_FILL_F16_1, _FILL_F16_2, _FILL_F16_4, _FILL_F16_8, _FILL_F16_16 = (
+    _LUT_FILL_PTX[False, w] for w in (1, 2, 4, 8, 16)
+)
+_FILL_BF16_1, _FILL_BF16_2, _FILL_BF16_4, _FILL_BF16_8, _FILL_BF16_16 = (
+    _LUT_FILL_PTX[True, w] for w in (1, 2, 4, 8, 16)
 )
 _LUT_LANE_PTX = tl.constexpr("{\n.reg .b32 l;\nmov.u32 l, %laneid;\nshl.b32 $0, l, 2;\n}")
 _TID_PTX = tl.constexpr("mov.u32 $0, %tid.x;")
@@ -190,13 +231,35 @@ def allow_table(kernel, grid: tuple, args: tuple, consts: dict, device: torch.de
 
 
 @triton.jit
-def lut_fill(lut_ptr, e):
-    """Declare and fill the shared byte table from lut_ptr (256 int32: lut_words), then a barrier.
-    Returns each lane's column offset (4 * lane), shaped like e."""
+def lut_fill(e, WARPS: tl.constexpr, BF16: tl.constexpr):
+    """Declare and fill the shared byte table (lut_words of bf16 or fp16) in a program of WARPS
+    warps, then a barrier. Returns each lane's column offset (4 * lane), shaped like e."""
     tl.inline_asm_elementwise(_LUT_DECL_PTX, "=r,r", [tl.program_id(0)], tl.int32, False, 1)
-    i = tl.arange(0, 2048)  # 16-byte groups: entry i // 8, copies 4 (i % 8) .. 4 (i % 8) + 3
-    v = tl.load(lut_ptr + i // 8)
-    tl.inline_asm_elementwise(_LUT_STORE_PTX, "=r,r,r", [i, v], tl.int32, False, 1)
+    pid = tl.program_id(0)  # one instance a thread (a scalar's asm is not repeated)
+    if BF16:
+        if WARPS == 1:
+            tl.inline_asm_elementwise(_FILL_BF16_1, "=r,r", [pid], tl.int32, False, 1)
+        elif WARPS == 2:
+            tl.inline_asm_elementwise(_FILL_BF16_2, "=r,r", [pid], tl.int32, False, 1)
+        elif WARPS == 4:
+            tl.inline_asm_elementwise(_FILL_BF16_4, "=r,r", [pid], tl.int32, False, 1)
+        elif WARPS == 8:
+            tl.inline_asm_elementwise(_FILL_BF16_8, "=r,r", [pid], tl.int32, False, 1)
+        else:
+            tl.static_assert(WARPS == 16, "the table fill is built for 1, 2, 4, 8 or 16 warps")
+            tl.inline_asm_elementwise(_FILL_BF16_16, "=r,r", [pid], tl.int32, False, 1)
+    else:
+        if WARPS == 1:
+            tl.inline_asm_elementwise(_FILL_F16_1, "=r,r", [pid], tl.int32, False, 1)
+        elif WARPS == 2:
+            tl.inline_asm_elementwise(_FILL_F16_2, "=r,r", [pid], tl.int32, False, 1)
+        elif WARPS == 4:
+            tl.inline_asm_elementwise(_FILL_F16_4, "=r,r", [pid], tl.int32, False, 1)
+        elif WARPS == 8:
+            tl.inline_asm_elementwise(_FILL_F16_8, "=r,r", [pid], tl.int32, False, 1)
+        else:
+            tl.static_assert(WARPS == 16, "the table fill is built for 1, 2, 4, 8 or 16 warps")
+            tl.inline_asm_elementwise(_FILL_F16_16, "=r,r", [pid], tl.int32, False, 1)
     tl.debug_barrier()
     return tl.inline_asm_elementwise(_LUT_LANE_PTX, "=r,r", [e], tl.int32, False, 1)
 

@@ -5,7 +5,8 @@ runs, on 32 lanes.
 The interpreter path of those kernels emulates what the PTX computes; this runs the PTX itself:
 the byte-table fill, the lane offsets, the table addressing and the MMA fragments. Only the
 subset the kernels use: mov (32-bit, and a 64- or 32-bit value split into a pair), cvt.f32.f16,
-shl / shr / and / or / add / mad.lo on 32 bits, ld.shared.b32 and st.shared.v4.b32 on a
+shl / shr / and / or / add / mad.lo on 32 bits, setp.ne / selp (predicates as registers; %tid.x a
+lane's given thread index), ld.shared.b32 and st.shared.v4.b32 on a
 byte-addressed shared array (the table symbol nf4lut at TABLE_ADDRESS: on sm_90 a CTA's first 1 KB
 of shared memory is reserved, so that is where the table sits, not at a 32 KB boundary),
 mma.sync.aligned.m16n8k16.row.col.f32 with f16 or bf16 operands (products and sums in fp64,
@@ -74,6 +75,8 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
             return regs[lane][token]
         if token == "%laneid":
             return lane
+        if token == "%tid.x":  # the lane's thread in its program: lanes[l]["%tid.x"], or the lane
+            return regs[lane].get("%tid.x", lane)
         if token == "nf4lut":
             return TABLE_ADDRESS
         if token.startswith("0f"):
@@ -112,6 +115,10 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
                 r[args[0]] = (value(lane, args[1]) + value(lane, args[2])) & M32
             elif op == "mad.lo.u32":
                 r[args[0]] = (value(lane, args[1]) * value(lane, args[2]) + value(lane, args[3])) & M32
+            elif op == "setp.ne.u32":  # predicates are registers holding a bool
+                r[args[0]] = value(lane, args[1]) != value(lane, args[2])
+            elif op == "selp.b32":
+                r[args[0]] = value(lane, args[1]) if r[args[3]] else value(lane, args[2])
             elif op == "ld.shared.b32":
                 address = value(lane, args[1].strip("[]"))
                 assert address % 4 == 0 and 0 <= address < len(smem), address
@@ -137,6 +144,13 @@ def run(ptx: str, lanes: list[dict], smem: bytearray, kind: str = "bf16") -> lis
             else:
                 raise ValueError(f"not simulated: {line}")
     return regs
+
+
+def fill_table(ptx: str, warps: int, smem: bytearray) -> None:
+    """Run a program's byte-table fill (kernels.nf4_mma_block.lut_fill_ptx for `warps` warps) warp
+    by warp, each lane with its %tid.x."""
+    for w in range(warps):
+        run(ptx, [{"%tid.x": 32 * w + lane} for lane in range(32)], smem, "f16")
 
 
 def _mma(regs, groups, value, kind) -> None:

@@ -95,16 +95,13 @@ def test_lut_decode_ptx_on_a_simulated_warp():
     """The byte-table decode's PTX (kernels.nf4.decode_words, DECODE 2) on 32 simulated lanes
     (tests/ptx_sim.py), after the table fill's own PTX: each lane's word gives the codes of its 8
     nibbles, low nibble first, rounded to fp16."""
-    from ptx_sim import TABLE_ADDRESS
+    from ptx_sim import TABLE_ADDRESS, fill_table
     from ptx_sim import run as run_ptx
 
     from kernels import nf4, nf4_mma_block
 
     smem = bytearray(TABLE_ADDRESS + 32768)
-    table = nf4_mma_block.lut_words(torch.float16)
-    for i in range(0, 2048, 32):  # the fill's 2048 16-byte stores, a warp at a time
-        lanes = [{"$1": i + lane, "$2": table[(i + lane) // 8]} for lane in range(32)]
-        run_ptx(nf4_mma_block._LUT_STORE_PTX.value, lanes, smem, "f16")
+    fill_table(nf4_mma_block.lut_fill_ptx(torch.float16, 128), 4, smem)
     offsets = [r["$0"] for r in run_ptx(nf4_mma_block._LUT_LANE_PTX.value, [{}] * 32, smem, "f16")]
     code16 = torch.tensor(reference.NF4_CODE).half().float().tolist()
     gen = torch.Generator().manual_seed(3)
@@ -122,16 +119,13 @@ def test_fp16_pair_products_ptx_on_a_simulated_warp():
     each byte's table entry meets the fp16 pair of x it multiplies (element 8w + 2i in the low
     halves), so two words' sum is within fp16 rounding of the exact sum of their 16 code * x
     products, for x across fp16's range (times 2^-4, as the GEMV does)."""
-    from ptx_sim import TABLE_ADDRESS
+    from ptx_sim import TABLE_ADDRESS, fill_table
     from ptx_sim import run as run_ptx
 
     from kernels import nf4_half, nf4_mma_block
 
     smem = bytearray(TABLE_ADDRESS + 32768)
-    table = nf4_mma_block.lut_words(torch.float16)
-    for i in range(0, 2048, 32):
-        lanes = [{"$1": i + lane, "$2": table[(i + lane) // 8]} for lane in range(32)]
-        run_ptx(nf4_mma_block._LUT_STORE_PTX.value, lanes, smem, "f16")
+    fill_table(nf4_mma_block.lut_fill_ptx(torch.float16, 128), 4, smem)
     offsets = [r["$0"] for r in run_ptx(nf4_mma_block._LUT_LANE_PTX.value, [{}] * 32, smem, "f16")]
     code16 = torch.tensor(reference.NF4_CODE).half().double()
     gen = torch.Generator().manual_seed(5)
@@ -181,7 +175,7 @@ cases = [
 gemv_variants = ((False, 1, True, False), (True, 1, False, False), (False, 2, False, False),
                  (True, 2, True, True), (False, 2, True, True))
 for persistent, decode, even, half in gemv_variants:
-    cases.append((_nf4_gemv_kernel, dict(gemv, lut_ptr="*i32"), dict(MP=2, R=16, RP=16, TSP=4,
+    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, TSP=4, WARPS=4,
                   BN=16, BKW=128, X_KIND=2, SWIGLU=True, DECODE=decode, EVEN=even, HALF=half,
                   NUM_STAGES=3, PERSISTENT=persistent, PDL=True)))
 for fn, sig, const in cases:

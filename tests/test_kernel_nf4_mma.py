@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import compile_for_hopper  # noqa: E402
-from ptx_sim import TABLE_ADDRESS  # noqa: E402
+from ptx_sim import TABLE_ADDRESS, fill_table  # noqa: E402
 from ptx_sim import run as run_ptx  # noqa: E402
 
 from kernels import nf4_mma, nf4_mma_block, reference  # noqa: E402
@@ -98,10 +98,7 @@ def test_block_ptx_on_a_simulated_warp(dtype):
     kind = "f16" if dtype == torch.float16 else "bf16"
     gen = torch.Generator().manual_seed(1)
     smem = bytearray(TABLE_ADDRESS + 32768)
-    table = nf4_mma_block.lut_words(dtype)
-    for i in range(0, 2048, 32):  # the fill's 2048 16-byte stores, a warp at a time
-        lanes = [{"$1": i + lane, "$2": table[(i + lane) // 8]} for lane in range(32)]
-        run_ptx(nf4_mma_block._LUT_STORE_PTX.value, lanes, smem, kind)
+    fill_table(nf4_mma_block.lut_fill_ptx(dtype, 128), 4, smem)
     offsets = [r["$0"] for r in run_ptx(nf4_mma_block._LUT_LANE_PTX.value, [{}] * 32, smem, kind)]
     w = torch.randint(0, 256, (16, 32), generator=gen, dtype=torch.uint8)  # 16 rows, one block
     x = torch.randn(8, 64, generator=gen).to(dtype)
@@ -168,11 +165,26 @@ def test_lora_mma_ptx_on_a_simulated_warp(dtype):
 def test_byte_table_holds_both_nibbles_codes():
     for dtype in (torch.float16, torch.bfloat16):
         code = torch.tensor(reference.NF4_CODE, dtype=dtype)
-        table = nf4_mma.byte_table(dtype, torch.device("cpu"))
+        table = torch.tensor(nf4_mma_block.lut_words(dtype), dtype=torch.int64).to(torch.int32)
         pairs = table.view(dtype).reshape(256, 2)  # little-endian: the low half first
         b = torch.arange(256)
         assert torch.equal(pairs[:, 0], code[b >> 4])  # high nibble: the even element
         assert torch.equal(pairs[:, 1], code[b & 15])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("warps", [1, 2, 4, 8, 16])
+def test_table_fill_ptx_on_simulated_warps(dtype, warps):
+    """Each program computes its byte table (no load): the fill's PTX, run on every simulated warp
+    of a program, leaves each of the 32 copies of every entry equal to lut_words, and writes
+    nothing outside the table (16 warps: threads past 256 repeat the first 256's stores)."""
+    smem = bytearray(b"\xaa" * (TABLE_ADDRESS + 32768 + 64))
+    fill_table(nf4_mma_block.lut_fill_ptx(dtype, 32 * warps), warps, smem)
+    table = nf4_mma_block.lut_words(dtype)
+    want = b"".join(table[e].to_bytes(4, "little") * 32 for e in range(256))
+    assert smem[TABLE_ADDRESS : TABLE_ADDRESS + 32768] == want
+    assert smem[:TABLE_ADDRESS] == b"\xaa" * TABLE_ADDRESS
+    assert smem[TABLE_ADDRESS + 32768 :] == b"\xaa" * 64
 
 
 _COMPILE_CHECK = """
@@ -182,7 +194,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.nf4_mma import _nf4_mma_kernel
 
-sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32", lut_ptr="*i32",
+sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32",
            t_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kq="i32",
            kb="i32", stride_xq="i32", stride_ym="i32", lora_scale="fp32")
 for x_kind, ab in ((1, "f16"), (2, "bf16")):
@@ -425,24 +437,30 @@ def test_time_config_times_a_captured_launch_on_each_copy():
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     from kernels import nf4_linear
 
-    want = nf4_linear.nf4_linear(x, packed, absmax, (n, k))
+    cfg = nf4_tune.CONFIGS[1][0]
+    key = (x.device, n, k, 1, x.dtype, False, 0, torch.float32)
+
+    def forced(w, s):  # the config under test, not the tuner's pick (another config rounds apart)
+        nf4_linear._TUNED[key] = cfg
+        try:
+            return nf4_linear.nf4_linear(x, w.view(torch.uint8), s, (n, k))
+        finally:
+            nf4_linear._TUNED.pop(key)
+
+    want = forced(packed, absmax)
     words = packed.view(torch.int32)
     copies = nf4_tune.weight_copies((words, absmax))
     assert len(copies) >= 2
     seen = []
 
-    def launch(cfg, w, s):
+    def launch(config, w, s):
+        assert config == cfg
         seen.append(w.data_ptr())
-        key = (x.device, n, k, 1, x.dtype, False, 0, torch.float32)
-        nf4_linear._TUNED[key] = cfg
-        try:
-            y = nf4_linear.nf4_linear(x, w.view(torch.uint8), s, (n, k))
-        finally:
-            nf4_linear._TUNED.pop(key)
+        y = forced(w, s)
         assert torch.cuda.is_current_stream_capturing() or torch.equal(y, want)
 
     before = torch.cuda.memory_allocated()
-    ms = nf4_tune.time_config(launch, nf4_tune.CONFIGS[1][0], copies)
+    ms = nf4_tune.time_config(launch, cfg, copies)
     assert 0 < ms < 1 and set(seen) == {w.data_ptr() for w, _ in copies}
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before + 2 * (1 << 20)  # the graph's outputs, freed or small

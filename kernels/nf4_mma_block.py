@@ -120,7 +120,7 @@ def lut_fill_ptx(dtype: torch.dtype, threads: int) -> str:
 # never conflict), declared once a kernel (the program-id argument makes it one instance), filled
 # by lut_fill_ptx (a string per 16-bit format and thread count), and each lane's column offset.
 # Computing the entries instead of loading them (as before session 19) took a global load's
-# latency off every program's start: 1-1.9 us a launch on an H100 (bench/NOTES.md).
+# latency off every program's start: 0.5-1.1 us a GEMV launch on an H100 (bench/NOTES.md).
 _LUT_DECL_PTX = tl.constexpr(".shared .align 16 .b8 nf4lut[32768];\nmov.u32 $0, 0;")
 _LUT_FILL_PTX = {
     (bf16, warps): tl.constexpr(lut_fill_ptx(torch.bfloat16 if bf16 else torch.float16, 32 * warps))

@@ -162,6 +162,8 @@ from kernels.nf4 import _nf4_dequantize_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_gemv import _nf4_gemv_kernel
 from kernels.nf4_lora import _lora_down_kernel
+from kernels.nf4_mma_block import lut_fill_ptx
+import torch
 
 gemv = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
             b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
@@ -181,6 +183,14 @@ for persistent, decode, even, half in gemv_variants:
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
+for warps in (2, 4, 8):  # the byte table's fill for the program's warp count, fp16 codes
+    const = dict(MP=1, R=16, RP=16, TSP=4, WARPS=warps, BN=16, BKW=64 * warps, X_KIND=2, SWIGLU=True,
+                 DECODE=2, EVEN=True, HALF=True, NUM_STAGES=3, PERSISTENT=False, PDL=False)
+    ptx = triton.compile(ASTSource(_nf4_gemv_kernel, gemv, const), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": warps, "num_stages": 3}).asm["ptx"]
+    fill = lut_fill_ptx(torch.float16, 32 * warps).splitlines()
+    assert ptx.count("add.u32 e, t, ") == 8 // warps
+    assert all(line in ptx for line in fill if line.startswith("mov.u32 q"))
 rows = dict(x_ptr="*i32", w_ptr="*i32", absmax_ptr="*fp32", code_ptr="*fp32", t_ptr="*fp32",
             b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kw="i32", kb="i32",
             stride_xm="i32", stride_ym="i32", lora_scale="fp32")

@@ -192,7 +192,9 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import torch
 from kernels.nf4_mma import _nf4_mma_kernel
+from kernels.nf4_mma_block import lut_fill_ptx
 
 sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32",
            t_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", T_SPLITS="i32", N_OUT="i32", kq="i32",
@@ -205,14 +207,16 @@ for x_kind, ab in ((1, "f16"), (2, "bf16")):
                            options={"num_warps": warps, "num_stages": 1})
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in k.asm["ptx"]
         assert k.asm["ptx"].count("nf4lut[") == 1  # the byte table is declared once
+        # the fill for this warp count and 16-bit format: its entries a thread, its codes
+        fill = lut_fill_ptx(torch.float16 if x_kind == 1 else torch.bfloat16, 32 * warps).splitlines()
+        assert k.asm["ptx"].count("add.u32 e, t, ") == max(1, 8 // warps)
+        assert all(line in k.asm["ptx"] for line in fill if line.startswith("mov.u32 q"))
         ttgir = k.asm["ttgir"]
         layouts = dict(re.findall(r"^(#\\w+) = (.*)$", ttgir, re.M))
         asm_types = re.findall(r"tt.elementwise_inline_asm .*", ttgir)
         assert asm_types
         for line in asm_types:
             for shape, enc in re.findall(r"tensor<(\\w+)x\\w+, (#\\w+)>", line.split(" : ", 1)[1]):
-                if shape == "2048":  # the byte table's fill: any layout
-                    continue
                 assert shape == str(32 * warps), line[-200:]
                 want = f"sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{warps}]"
                 assert want in layouts[enc], (enc, layouts[enc])

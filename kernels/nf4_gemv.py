@@ -42,7 +42,7 @@ from kernels import nf4_half, nf4_mma, pdl
 from kernels.nf4 import decode_words
 from kernels.nf4_gemv_rows import lora_t as sum_lora_t
 from kernels.nf4_gemv_rows import tile_rows
-from kernels.nf4_mma_block import allow_table, lut_fill
+from kernels.nf4_mma_block import allow_table, lut_fill, lut_fill_ptx
 from kernels.nf4_tune import grid
 from kernels.reference import NF4_BLOCKSIZE
 
@@ -185,7 +185,7 @@ def _nf4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # software pipeline depth of the loop
     PERSISTENT: tl.constexpr,  # a program walks a range of tiles in one pipelined loop
     PDL: tl.constexpr,  # programmatic dependent launch; x was written two kernels back if R > 0
-    WARPS: tl.constexpr,  # num_warps (the byte table's fill divides its entries among the threads)
+    LUT_FILL: tl.constexpr,  # DECODE 2: the byte table's fill for num_warps (nf4_mma_block.lut_fill_ptx)
 ):
     RB: tl.constexpr = BN * (1 + SWIGLU)
     pid = tl.program_id(0)
@@ -195,7 +195,7 @@ def _nf4_gemv_kernel(
         pdl.wait(PDL)
         pdl.release(PDL)
     if DECODE == 2:
-        lane = lut_fill(tl.zeros((1, 1), tl.int32), WARPS, False)
+        lane = lut_fill(tl.zeros((1, 1), tl.int32), LUT_FILL)
     else:
         lane = tl.zeros((1, 1), tl.int32)
     xm = tl.arange(0, MP)
@@ -256,12 +256,14 @@ def kernel_constants(
     """The kernel's constexprs and launch options for config cfg: m rows of x, an (N, k) weight
     giving n_out outputs, LoRA rank (0: none) with t in t_splits partial sums."""
     bn, bkw, warps, stages, per_sm, lut = cfg
+    decode = 0 if interpret else 1 + (lut > 0)
     return dict(
         MP=triton.next_power_of_2(m), R=rank, RP=triton.next_power_of_2(max(rank, 1)),
         TSP=triton.next_power_of_2(t_splits), BN=bn, BKW=bkw,
-        X_KIND=x_kind, SWIGLU=swiglu, DECODE=0 if interpret else 1 + (lut > 0),
+        X_KIND=x_kind, SWIGLU=swiglu, DECODE=decode,
         EVEN=n_out % bn == 0 and (k // 8) % bkw == 0, HALF=lut == 2,
-        NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl, WARPS=warps, num_warps=warps,
+        NUM_STAGES=stages, PERSISTENT=per_sm > 0, PDL=use_pdl,
+        LUT_FILL=lut_fill_ptx(torch.float16, 32 * warps) if decode == 2 else "", num_warps=warps,
         launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip
 

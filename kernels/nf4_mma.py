@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.nf4_gemv_rows import rows_epilogue, tile_rows
-from kernels.nf4_mma_block import block, load_w, load_x, lut_fill, thread_id
+from kernels.nf4_mma_block import block, load_w, load_x, lut_fill, lut_fill_ptx, thread_id
 from kernels.nf4_mma_lora import lora_mma
 from kernels.reference import NF4_CODE
 
@@ -77,6 +77,7 @@ def _nf4_mma_kernel(
     SWIGLU: tl.constexpr,  # rows n and n + N_OUT combined as silu(g) * u
     ASM: tl.constexpr,  # PTX (GPU) or the emulation (interpreter)
     PDL: tl.constexpr,  # programmatic dependent launch, as kernels.nf4_gemv
+    LUT_FILL: tl.constexpr,  # ASM: the byte table's fill for WARPS and X_KIND (nf4_mma_block.lut_fill_ptx)
 ):
     if R == 0:
         pdl.wait(PDL)
@@ -88,7 +89,7 @@ def _nf4_mma_kernel(
     e = tl.arange(0, WARPS * 32)
     if ASM:
         tid = thread_id(e)
-        lane = lut_fill(e, WARPS, X_KIND == 2)
+        lane = lut_fill(e, LUT_FILL)
     else:  # the emulation needs no table; element i is thread i
         tid = e
         lane = e
@@ -238,6 +239,7 @@ def launch_mma(
         float(lora_scale),
         R=rank, RP=triton.next_power_of_2(max(rank, 1)),
         TSP=triton.next_power_of_2(1 if t is None else t.shape[0]), TILES=tiles, WARPS=warps,
-        AHEAD=ahead, X_KIND=x_kind, SWIGLU=swiglu, ASM=not interpret, PDL=use_pdl, num_warps=warps,
+        AHEAD=ahead, X_KIND=x_kind, SWIGLU=swiglu, ASM=not interpret, PDL=use_pdl,
+        LUT_FILL="" if interpret else lut_fill_ptx(dtype, 32 * warps), num_warps=warps,
         num_stages=1, launch_pdl=use_pdl, enable_fp_fusion=True,
     )  # fmt: skip

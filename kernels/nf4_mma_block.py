@@ -21,6 +21,7 @@ reference, which rounds code * absmax once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 
 import torch
@@ -84,6 +85,7 @@ def block_ptx(ab: str) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
 def lut_fill_ptx(dtype: torch.dtype, threads: int) -> str:
     """PTX: thread %tid.x of `threads` computes table entries e = tid + k * threads (lut_words for
     dtype, from the 16 codes as immediates: no load) and stores each one's 32 copies, 16 bytes a
@@ -118,21 +120,11 @@ def lut_fill_ptx(dtype: torch.dtype, threads: int) -> str:
 
 # The byte table in shared memory: 256 entries x 32 copies (one a bank, so a warp's 32 lookups
 # never conflict), declared once a kernel (the program-id argument makes it one instance), filled
-# by lut_fill_ptx (a string per 16-bit format and thread count), and each lane's column offset.
-# Computing the entries instead of loading them (as before session 19) took a global load's
-# latency off every program's start: 0.5-1.1 us a GEMV launch on an H100 (bench/NOTES.md).
+# by lut_fill_ptx (the launch passes the string for its 16-bit format and thread count as a
+# constexpr), and each lane's column offset. Computing the entries instead of loading them (as
+# before session 19) took a global load's latency off every program's start: 0.5-1.1 us a GEMV
+# launch on an H100 (bench/NOTES.md).
 _LUT_DECL_PTX = tl.constexpr(".shared .align 16 .b8 nf4lut[32768];\nmov.u32 $0, 0;")
-_LUT_FILL_PTX = {
-    (bf16, warps): tl.constexpr(lut_fill_ptx(torch.bfloat16 if bf16 else torch.float16, 32 * warps))
-    for bf16 in (False, True)
-    for warps in (1, 2, 4, 8, 16)
-}
-_FILL_F16_1, _FILL_F16_2, _FILL_F16_4, _FILL_F16_8, _FILL_F16_16 = (
-    _LUT_FILL_PTX[False, w] for w in (1, 2, 4, 8, 16)
-)
-_FILL_BF16_1, _FILL_BF16_2, _FILL_BF16_4, _FILL_BF16_8, _FILL_BF16_16 = (
-    _LUT_FILL_PTX[True, w] for w in (1, 2, 4, 8, 16)
-)
 _LUT_LANE_PTX = tl.constexpr("{\n.reg .b32 l;\nmov.u32 l, %laneid;\nshl.b32 $0, l, 2;\n}")
 _TID_PTX = tl.constexpr("mov.u32 $0, %tid.x;")
 _BLOCK_F16 = tl.constexpr(block_ptx("f16"))
@@ -231,35 +223,12 @@ def allow_table(kernel, grid: tuple, args: tuple, consts: dict, device: torch.de
 
 
 @triton.jit
-def lut_fill(e, WARPS: tl.constexpr, BF16: tl.constexpr):
-    """Declare and fill the shared byte table (lut_words of bf16 or fp16) in a program of WARPS
-    warps, then a barrier. Returns each lane's column offset (4 * lane), shaped like e."""
+def lut_fill(e, FILL: tl.constexpr):
+    """Declare the shared byte table and fill it with FILL (lut_fill_ptx for the program's warps
+    and x's 16-bit format), then a barrier. Returns each lane's column offset (4 * lane), shaped
+    like e."""
     tl.inline_asm_elementwise(_LUT_DECL_PTX, "=r,r", [tl.program_id(0)], tl.int32, False, 1)
-    pid = tl.program_id(0)  # one instance a thread (a scalar's asm is not repeated)
-    if BF16:
-        if WARPS == 1:
-            tl.inline_asm_elementwise(_FILL_BF16_1, "=r,r", [pid], tl.int32, False, 1)
-        elif WARPS == 2:
-            tl.inline_asm_elementwise(_FILL_BF16_2, "=r,r", [pid], tl.int32, False, 1)
-        elif WARPS == 4:
-            tl.inline_asm_elementwise(_FILL_BF16_4, "=r,r", [pid], tl.int32, False, 1)
-        elif WARPS == 8:
-            tl.inline_asm_elementwise(_FILL_BF16_8, "=r,r", [pid], tl.int32, False, 1)
-        else:
-            tl.static_assert(WARPS == 16, "the table fill is built for 1, 2, 4, 8 or 16 warps")
-            tl.inline_asm_elementwise(_FILL_BF16_16, "=r,r", [pid], tl.int32, False, 1)
-    else:
-        if WARPS == 1:
-            tl.inline_asm_elementwise(_FILL_F16_1, "=r,r", [pid], tl.int32, False, 1)
-        elif WARPS == 2:
-            tl.inline_asm_elementwise(_FILL_F16_2, "=r,r", [pid], tl.int32, False, 1)
-        elif WARPS == 4:
-            tl.inline_asm_elementwise(_FILL_F16_4, "=r,r", [pid], tl.int32, False, 1)
-        elif WARPS == 8:
-            tl.inline_asm_elementwise(_FILL_F16_8, "=r,r", [pid], tl.int32, False, 1)
-        else:
-            tl.static_assert(WARPS == 16, "the table fill is built for 1, 2, 4, 8 or 16 warps")
-            tl.inline_asm_elementwise(_FILL_F16_16, "=r,r", [pid], tl.int32, False, 1)
+    tl.inline_asm_elementwise(FILL, "=r,r", [tl.program_id(0)], tl.int32, False, 1)  # once a thread
     tl.debug_barrier()
     return tl.inline_asm_elementwise(_LUT_LANE_PTX, "=r,r", [e], tl.int32, False, 1)
 

@@ -160,7 +160,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.nf4 import _nf4_dequantize_kernel
 from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
-from kernels.nf4_gemv import _nf4_gemv_kernel
+from kernels.nf4_gemv import _nf4_gemv_kernel, kernel_constants
 from kernels.nf4_lora import _lora_down_kernel
 from kernels.nf4_mma_block import lut_fill_ptx
 import torch
@@ -177,17 +177,18 @@ cases = [
 gemv_variants = ((False, 1, True, False), (True, 1, False, False), (False, 2, False, False),
                  (True, 2, True, True), (False, 2, True, True))
 for persistent, decode, even, half in gemv_variants:
-    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, TSP=4, WARPS=4,
+    cases.append((_nf4_gemv_kernel, gemv, dict(MP=2, R=16, RP=16, TSP=4,
+                  LUT_FILL=lut_fill_ptx(torch.float16, 128) if decode == 2 else "",
                   BN=16, BKW=128, X_KIND=2, SWIGLU=True, DECODE=decode, EVEN=even, HALF=half,
                   NUM_STAGES=3, PERSISTENT=persistent, PDL=True)))
 for fn, sig, const in cases:
     triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 3})
-for warps in (2, 4, 8):  # the byte table's fill for the program's warp count, fp16 codes
-    const = dict(MP=1, R=16, RP=16, TSP=4, WARPS=warps, BN=16, BKW=64 * warps, X_KIND=2, SWIGLU=True,
-                 DECODE=2, EVEN=True, HALF=True, NUM_STAGES=3, PERSISTENT=False, PDL=False)
+for warps in (2, 4, 8):  # a launch's byte-table fill is for its warp count, fp16 codes
+    const = kernel_constants((16, 64 * warps, warps, 3, 0, 2), 1, 14336, 4096, 16, 4, 2, True, False, False)
+    options = {key: const.pop(key) for key in ("num_warps", "enable_fp_fusion", "launch_pdl")}
     ptx = triton.compile(ASTSource(_nf4_gemv_kernel, gemv, const), target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": warps, "num_stages": 3}).asm["ptx"]
+                         options={**options, "num_stages": 3}).asm["ptx"]
     fill = lut_fill_ptx(torch.float16, 32 * warps).splitlines()
     assert ptx.count("add.u32 e, t, ") == 8 // warps
     assert all(line in ptx for line in fill if line.startswith("mov.u32 q"))

@@ -201,16 +201,16 @@ sig = dict(x_ptr="*i64", w_ptr="*i64", absmax_ptr="*fp32", code_ptr="*fp32",
            kb="i32", stride_xq="i32", stride_ym="i32", lora_scale="fp32")
 for x_kind, ab in ((1, "f16"), (2, "bf16")):
     for tiles, warps, ahead, swiglu in ((1, 4, 0, False), (2, 8, 2, True), (4, 16, 1, False)):
+        fill = lut_fill_ptx(torch.float16 if x_kind == 1 else torch.bfloat16, 32 * warps)
         const = dict(R=16, RP=16, TSP=4, TILES=tiles, WARPS=warps, AHEAD=ahead, X_KIND=x_kind,
-                     SWIGLU=swiglu, ASM=True, PDL=False)
+                     SWIGLU=swiglu, ASM=True, PDL=False, LUT_FILL=fill)
         k = triton.compile(ASTSource(_nf4_mma_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1})
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in k.asm["ptx"]
         assert k.asm["ptx"].count("nf4lut[") == 1  # the byte table is declared once
         # the fill for this warp count and 16-bit format: its entries a thread, its codes
-        fill = lut_fill_ptx(torch.float16 if x_kind == 1 else torch.bfloat16, 32 * warps).splitlines()
         assert k.asm["ptx"].count("add.u32 e, t, ") == max(1, 8 // warps)
-        assert all(line in k.asm["ptx"] for line in fill if line.startswith("mov.u32 q"))
+        assert all(line in k.asm["ptx"] for line in fill.splitlines() if line.startswith("mov.u32 q"))
         ttgir = k.asm["ttgir"]
         layouts = dict(re.findall(r"^(#\\w+) = (.*)$", ttgir, re.M))
         asm_types = re.findall(r"tt.elementwise_inline_asm .*", ttgir)

@@ -24,6 +24,7 @@ def test_off_unless_asked_and_never_on_cpu_or_under_the_interpreter(monkeypatch)
 
 
 _COMPILE_CHECK = """
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -32,6 +33,7 @@ from kernels.nf4_gemv_rows import _nf4_gemv_rows_kernel
 from kernels.nf4_gemv import _nf4_gemv_kernel
 from kernels.nf4_lora import _lora_down_kernel
 from kernels.nf4_mma import _nf4_mma_kernel
+from kernels.nf4_mma_block import lut_fill_ptx
 from kernels.rmsnorm import _rms_norm_forward_kernel
 from kernels.rope import _rope_kernel
 
@@ -59,17 +61,19 @@ cases = {
                          BLOCK_N=64, SPLITS=1, SPLIT_LEN=512, PRECISION="tf32", ROPE=True, R=0, RP=1)),
     "lora_down": (_lora_down_kernel, dict(x_ptr="*bf16", a_ptr="*bf16", t_ptr="*fp32", M="i32",
                   K="i32", R="i32", stride_xm="i32"), dict(MP=1, BLOCK_K=2048)),
-    "gemv": (_nf4_gemv_kernel, gemv, dict(MP=1, R=16, RP=16, TSP=4, BN=16, WARPS=4,
+    "gemv": (_nf4_gemv_kernel, gemv, dict(MP=1, R=16, RP=16, TSP=4, BN=16,
+             LUT_FILL=lut_fill_ptx(torch.float16, 128),
              BKW=128, X_KIND=2, SWIGLU=False, DECODE=2, EVEN=True, HALF=True, NUM_STAGES=3,
              PERSISTENT=False)),
-    "gemv_no_lora": (_nf4_gemv_kernel, gemv, dict(MP=1, R=0, RP=1, TSP=4, WARPS=4,
+    "gemv_no_lora": (_nf4_gemv_kernel, gemv, dict(MP=1, R=0, RP=1, TSP=4, LUT_FILL="",
                      BN=16, BKW=128, X_KIND=2, SWIGLU=False, DECODE=1, EVEN=False, HALF=False, NUM_STAGES=3,
                      PERSISTENT=True)),
     "gemv_rows": (_nf4_gemv_rows_kernel, gemv, dict(MP=8, R=16, RP=16, TSP=4, BN=2, BKW=512, X_KIND=2,
                   SWIGLU=True, DECODE_SHFL=True, EVEN_K=True)),
     "gemv_mma": (_nf4_mma_kernel, {**{k: v for k, v in gemv.items() if k not in ("kw", "stride_xm")},
                  "x_ptr": "*i64", "w_ptr": "*i64", "kq": "i32", "stride_xq": "i32"},
-                 dict(R=16, RP=16, TSP=4, TILES=1, WARPS=4, AHEAD=2, X_KIND=2, SWIGLU=False, ASM=True)),
+                 dict(R=16, RP=16, TSP=4, TILES=1, WARPS=4, AHEAD=2, X_KIND=2, SWIGLU=False, ASM=True,
+                      LUT_FILL=lut_fill_ptx(torch.bfloat16, 128))),
 }
 for name, (fn, sig, const) in cases.items():
     for on in (True, False):

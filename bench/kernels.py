@@ -9,7 +9,9 @@ inside a CUDA graph that calls the op on enough distinct weight copies to overfl
 divided by the number of calls. GB/s counts the bytes each implementation must move at least
 (each weight byte, absmax, x, y and LoRA read or written once); the fraction is against a
 device-to-device copy measured in the same run (bytes read + written); "x ours" compares with
-the 1-row call (for the 2/4/8-row rows: how much a step grows with the batch). Prints the
+the 1-row call (for the 2/4/8-row rows: how much a step grows with the batch). Each GEMV shape
+also shows the call with fp16 block scales (as the model runs it) and bench.read_ceiling's
+read-only launch over the same bytes: the floor under the GEMV's time on this device. Prints the
 device, a table, and a JSON line last. --sweep also times every GEMV config the tuner would try.
 """
 
@@ -21,9 +23,11 @@ import json
 import torch
 import triton
 
+from bench.read_ceiling import read_ceiling_us
 from kernels import nf4_linear as gemv
 from kernels import reference
 from kernels.nf4 import nf4_dequantize
+from model.quant import half_absmax
 
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
 
@@ -88,6 +92,14 @@ def bench_gemv_case(bnb, copy_bw, copies_mb, sweep, name, n, k, swiglu):
     io = 2 * k + 2 * n_out
     ours = graph_time_us(lambda i: op(x, sets[i][0], sets[i][1], (n, k)), copies)
     rows.append(row(name, "triton", ours, wbytes + io, copy_bw))
+    # as the model runs it: block scales rounded to fp16 (model.quant.half_absmax), 2 bytes each
+    halves = [half_absmax(s[1]) for s in sets]
+    hbytes = n * k // 2 + n * k // 64 * 2
+    us = graph_time_us(lambda i: op(x, sets[i][0], sets[i][1], (n, k), absmax_half=halves[i]), copies)
+    rows.append(row(name, "triton fp16 scales", us, hbytes + io, copy_bw, ours))
+    # the floor under both: a Triton kernel that only reads as many bytes, in one launch
+    ceiling, _ = read_ceiling_us(hbytes, copies)
+    rows.append(row(name, "read-only, the same bytes", ceiling, hbytes, copy_bw, ours))
     lora = graph_time_us(lambda i: op(x, sets[i][0], sets[i][1], (n, k), a, b, 2.0), copies)
     rows.append(row(name, "triton +LoRA r16", lora, wbytes + io + 2 * r * (k + n), copy_bw))
     for m in (2, 4, 8):  # decode of m sequences at once: the same weight bytes, m x the FMAs

@@ -14,6 +14,28 @@ class UnsupportedModelError(ValueError):
     """The checkpoint is not a Llama-family model this project can run."""
 
 
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _checked_sizes(config: Any) -> int:
+    """Refuse what the Llama code cannot run (another activation, sizes that are not positive
+    whole numbers, query heads not a multiple of the KV heads); return the KV heads."""
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):  # the feed-forward computes silu(gate) * up, nothing else
+        raise UnsupportedModelError(f"The activation '{act}' is not supported; Llama models use SiLU.")
+    for name in SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UnsupportedModelError(f"The config's {name} must be a positive whole number: {value!r}.")
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0 or config.num_attention_heads % kv:
+        raise UnsupportedModelError(
+            f"The config's num_key_value_heads ({kv!r}) must divide num_attention_heads "
+            f"({config.num_attention_heads})."
+        )
+    return kv
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     vocab_size: int
@@ -41,6 +63,7 @@ class ModelArgs:
             )
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             raise UnsupportedModelError("Llama checkpoints with bias terms are not supported.")
+        kv = _checked_sizes(config)
         rope = dict(getattr(config, "rope_parameters", None) or {})
         legacy_scaling = getattr(config, "rope_scaling", None)
         if not rope and legacy_scaling:
@@ -65,7 +88,7 @@ class ModelArgs:
             dim=config.hidden_size,
             n_layers=config.num_hidden_layers,
             n_heads=config.num_attention_heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            n_kv_heads=kv,
             head_dim=head_dim,
             intermediate_size=config.intermediate_size,
             norm_eps=float(config.rms_norm_eps),

@@ -76,7 +76,7 @@ class GenerationSettings:
         check(number(self.top_p) and 0 < self.top_p <= 1, "Top-p must be above 0 and at most 1.")
         check(
             number(self.top_k, int) and 0 <= self.top_k <= LIMITS["top_k"],
-            "Top-k must be a whole number, 0 (off) or more.",
+            f"Top-k must be a whole number from 0 (off) to {LIMITS['top_k']:,}.",
         )
         check(
             number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
@@ -84,7 +84,7 @@ class GenerationSettings:
         )
         check(
             self.seed is None or (number(self.seed, int) and 0 <= self.seed <= LIMITS["seed"]),
-            "Seed must be a whole number, 0 or more (or empty for a random one).",
+            f"Seed must be a whole number from 0 to {LIMITS['seed']} (or empty for a random one).",
         )
         check(
             isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
@@ -406,12 +406,15 @@ class Engine:
     def _fit_chat(
         self, messages: list[dict], system_prompt: str | None, max_new: int
     ) -> tuple[list[int], int]:
-        """Prompt ids after dropping the fewest oldest turns that let max_new tokens fit.
+        """Prompt ids after dropping the fewest oldest turns that leave room for the reply:
+        max_new tokens, or a quarter of the context when max_new asks for more (such a reply
+        ends where the context does; the conversation is not given up for it).
 
         A turn is a user message with the assistant reply after it. Dropping more turns never
         makes the prompt longer, so a binary search over how many to drop needs O(log n)
         renders of the template instead of one per dropped turn.
         """
+        room = min(max_new, max(self.max_seq_len // 4, 1))
         starts = [0]  # where the kept conversation may begin: after each whole turn
         i = 0
         while i + 2 < len(messages) and messages[i + 1].get("role") == "assistant":
@@ -430,12 +433,13 @@ class Engine:
         while lo < hi:  # the fewest turns dropped such that the prompt fits
             mid = (lo + hi) // 2
             found[mid] = render(mid)
-            if len(found[mid]) + max_new <= self.max_seq_len:
+            if len(found[mid]) + room <= self.max_seq_len:
                 hi = mid
             else:
                 lo = mid + 1
         ids = found[lo] if lo in found else render(lo)
-        self._check_fits(len(ids), "Your message is")
+        subject = "Your system prompt and message are" if system_prompt else "Your message is"
+        self._check_fits(len(ids), subject)
         return ids, lo
 
     def generate_ids(
@@ -458,6 +462,12 @@ class Engine:
     def _run(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
         if adapter is not None and adapter not in self.adapter_weights:
             raise EngineError(f"No adapter named '{adapter}' is loaded.")
+        vocab = self.loaded.args.vocab_size
+        if max(ids) >= vocab:  # a tokenizer larger than the weights' vocabulary
+            raise EngineError(
+                f"The tokenizer gave token id {max(ids)}, past the model's {vocab}-token vocabulary: "
+                "this tokenizer does not belong to these weights."
+            )
         request = Request(
             ids, settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty,
             settings.seed, min(settings.max_new_tokens, self.max_seq_len - len(ids)), adapter,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import resource
 import weakref
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelArgs, UnsupportedModelError
+from model.config import SIZE_FIELDS, ModelArgs, UnsupportedModelError
 from model.llama import Transformer
 from model.ops import get_ops
 from model.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, expand_absmax, half_absmax, quantize_nf4
@@ -227,6 +228,22 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def tensor_entry(info) -> bool:
+    """Whether a safetensors header entry describes a tensor: a dtype, a shape of sizes and data
+    offsets that span the shape's bytes (for the dtypes read here; another dtype is refused by
+    name when its tensor is asked for)."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        return False
+    begin, end = offsets
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    return 0 <= begin <= end and (dtype is None or end - begin == math.prod(shape) * dtype.itemsize)
+
+
 class SafetensorsReader:
     """Tensors by name across the shards of a checkpoint, each read from disk when asked for.
 
@@ -251,8 +268,15 @@ class SafetensorsReader:
                     header = json.loads(f.read(size))
             except (ValueError, MemoryError):
                 raise ModelSourceError(f"'{file.name}' is not a valid safetensors file.") from None
+            if not isinstance(header, dict):
+                raise ModelSourceError(f"'{file.name}' is not a valid safetensors file.")
             header.pop("__metadata__", None)
             for name, info in header.items():
+                if not tensor_entry(info):
+                    raise ModelSourceError(
+                        f"'{file.name}' is corrupt: its header entry '{name[:100]}' "
+                        "does not describe a tensor."
+                    )
                 self.where[name] = (file, 8 + size, info)
 
     def __contains__(self, name: str) -> bool:
@@ -284,10 +308,20 @@ def check_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -
 
 
 def read_prequantized(
-    get: Callable[[str], torch.Tensor], name: str, shape: tuple[int, int]
+    reader: SafetensorsReader, name: str, shape: tuple[int, int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed, expanded absmax) of one bitsandbytes 4-bit weight of `shape` as a checkpoint stores it."""
-    state = json.loads(bytes(get(f"{name}.quant_state.bitsandbytes__nf4").tolist()).decode())
+    """(packed, expanded absmax) on `device` of one bitsandbytes 4-bit weight of `shape` as a
+    checkpoint stores it."""
+    get = lambda n: reader(n).to(device)  # noqa: E731
+    nf4 = f"{name}.quant_state.bitsandbytes__nf4"
+    if nf4 not in reader and f"{name}.quant_state.bitsandbytes__fp4" in reader:
+        raise ModelSourceError(f"'{name}' is quantized to FP4; only NF4 4-bit checkpoints are supported.")
+    if nf4 not in reader and name in reader and reader(name).numel() == shape[0] * shape[1]:
+        raise ModelSourceError(
+            f"'{name}' is left unquantized in this 4-bit checkpoint (llm_int8_skip_modules); "
+            "only checkpoints with all seven projections in NF4 are supported."
+        )
+    state = json.loads(bytes(get(nf4).tolist()).decode())
     if state.get("quant_type") != "nf4" or int(state.get("blocksize", 0)) != NF4_BLOCKSIZE:
         raise ModelSourceError(f"'{name}' is not NF4 with blocksize 64; only that 4-bit format is supported.")
     if "nested_offset" in state and int(state.get("nested_blocksize", 0)) != ABSMAX_BLOCKSIZE:
@@ -298,7 +332,8 @@ def read_prequantized(
     if not torch.allclose(get(f"{name}.quant_map").float(), torch.tensor(NF4_CODE), atol=NF4_CODE_TOLERANCE):
         raise ModelSourceError(f"'{name}' uses a 4-bit code table other than NF4.")
     n = shape[0] * shape[1]
-    packed = get(name).reshape(-1)
+    # bnb_4bit_quant_storage other than uint8 stores the same bytes typed as that dtype
+    packed = get(name).reshape(-1).view(torch.uint8)
     absmax = get(f"{name}.absmax").reshape(-1)
     check_shape(name, tuple(packed.shape), ((n + 1) // 2,))
     check_shape(f"{name}.absmax", tuple(absmax.shape), (-(-n // NF4_BLOCKSIZE),))
@@ -343,8 +378,7 @@ def fill_projection(
 
     if isinstance(module, NF4Linear):
         if prequantized:
-            read = lambda n: get(n).to(device)  # noqa: E731
-            quantized = [read_prequantized(read, f"{name}.weight", shape) for name, shape in parts]
+            quantized = [read_prequantized(get, f"{name}.weight", shape, device) for name, shape in parts]
         else:
             quantized = [quantize_nf4(weight(name, shape)) for name, shape in parts]
         assign(model, f"{target}.packed", torch.cat([p for p, _ in quantized]))
@@ -479,9 +513,15 @@ def read_config(folder: Path, source: str):
         raise ModelSourceError(
             f"Only Llama-family models are supported; this checkpoint is '{model_type or 'unknown'}'."
         )
+    for name in SIZE_FIELDS:  # before transformers divides by them or type-checks them
+        if name in raw and not (type(raw[name]) is int and raw[name] > 0):
+            raise ModelSourceError(
+                f"The config.json in '{shown(source)}' has {name} {json.dumps(raw[name])[:40]}; "
+                "it must be a positive whole number."
+            )
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # transformers' checks raise ValueError, TypeError, ZeroDivisionError...
         raise ModelSourceError(
             f"The config.json in '{shown(source)}' cannot be read: {first_sentence(err)}"
         ) from None

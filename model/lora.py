@@ -30,6 +30,12 @@ STACKS = {
 KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
 
 Adapter = dict[str, LoRAWeights]  # our module path -> its LoRA
+# modules peft can adapt that this model applies no LoRA to (token embeddings, the output head)
+UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+UNSUPPORTED_TARGETS_MESSAGE = (
+    "Adapters on the token embeddings or the lm_head are not supported, only on the seven "
+    "attention and MLP projections."
+)
 
 
 class AdapterError(ValueError):
@@ -88,9 +94,28 @@ def check_config(config, source: str) -> dict:
         raise AdapterError("Only plain LoRA adapters are supported (not DoRA or other PEFT types).")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise AdapterError("Adapters that train biases or whole modules (modules_to_save) are not supported.")
+    if config.get("lora_bias"):
+        raise AdapterError("Adapters with a bias on lora_B (lora_bias) are not supported.")
+    if config.get("alora_invocation_tokens"):
+        raise AdapterError(
+            "Activated LoRA (aLoRA) adapters, which apply only after their invocation tokens, "
+            "are not supported."
+        )
+    targets = config.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else targets if isinstance(targets, list) else []
+    if config.get("trainable_token_indices") or any(t in UNSUPPORTED_TARGETS for t in targets):
+        raise AdapterError(UNSUPPORTED_TARGETS_MESSAGE)
     patterns = [config.get(k) or {} for k in ("rank_pattern", "alpha_pattern")]
     if not all(isinstance(p, dict) for p in patterns):
         raise AdapterError(f"'{source}' has a rank_pattern or alpha_pattern that is not a mapping.")
+    for key in [*patterns[0], *patterns[1]]:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error:
+            raise AdapterError(
+                f"'{source}' has a rank_pattern or alpha_pattern key that is not a regular "
+                f"expression: '{key}'."
+            ) from None
     values = [config.get("r"), config.get("lora_alpha"), *patterns[0].values(), *patterns[1].values()]
     if not all(positive(v) for v in values):
         raise AdapterError(f"'{source}' needs positive numbers for r and lora_alpha in adapter_config.json.")
@@ -126,10 +151,16 @@ def build_adapter(model: Transformer, source: str) -> Adapter:
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         m = KEY.fullmatch(name)
+        if any(f".{target}." in name for target in UNSUPPORTED_TARGETS):
+            raise AdapterError(UNSUPPORTED_TARGETS_MESSAGE)
         if m is None or int(m.group(1)) >= model.args.n_layers:
             raise AdapterError(f"The adapter tensor '{name[:100]}' has no place in this model.")
         if tensor.ndim != 2 or not tensor.is_floating_point():
             raise AdapterError(f"The adapter tensor '{name}' is not a matrix of floating-point numbers.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(
+                f"The adapter tensor '{name}' holds values that are not finite (NaN or infinity)."
+            )
         found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     args = model.args
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim

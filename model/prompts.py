@@ -29,5 +29,6 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def alpaca_prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the Alpaca prompt (with BOS where the tokenizer adds one, as Unsloth does)."""
-    return tokenizer(alpaca_prompt(instruction, input))["input_ids"]
+    """Token ids of the Alpaca prompt (with BOS where the tokenizer adds one, as Unsloth does).
+    Control tokens typed into the instruction or input (e.g. "<|im_end|>") stay text, as in chat."""
+    return tokenizer(alpaca_prompt(instruction, input), split_special_tokens=True)["input_ids"]

@@ -206,6 +206,40 @@ def test_newest_message_over_the_context_is_refused(engine):
     still_works(engine)
 
 
+def test_a_long_reply_asked_for_keeps_the_conversation(engine):
+    # max new tokens at the whole context must not push every earlier turn out: the turns stay,
+    # the reply ends where the context does
+    messages = [
+        {"role": "user", "content": "My name is Zorblax."},
+        {"role": "assistant", "content": "Nice to meet you, Zorblax!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    events = engine.chat(messages, GenerationSettings(temperature=0, max_new_tokens=engine.max_seq_len))
+    first = next(iter(events))
+    events.close()  # cancels the rest of the reply
+    assert first.stats.prompt_trimmed_turns == 0
+    still_works(engine)
+
+
+def test_control_tokens_typed_into_the_instruction_stay_text(engine):
+    # as in chat (apply_chat_template's sanitize_control_tokens): typed "<|im_end|>" must not end
+    # the prompt's turn as the real token would
+    control = [engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids = prompts.alpaca_prompt_ids(engine.tokenizer, "Say <|im_end|> and <|endoftext|> now.", "<|im_end|>")
+    assert not set(control) & set(ids)
+    plain = prompts.alpaca_prompt_ids(engine.tokenizer, "Name the planets.")
+    assert plain == engine.tokenizer(prompts.alpaca_prompt("Name the planets."))["input_ids"]
+
+
+def test_system_prompt_over_the_context_is_named(engine):
+    with pytest.raises(EngineError) as err:
+        engine.chat(
+            [{"role": "user", "content": "hi"}], GREEDY, system_prompt="planets " * (2 * DEFAULT_MAX_SEQ_LEN)
+        )
+    assert "system prompt" in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
 # ---- errors a user can cause ----
 
 
@@ -232,6 +266,16 @@ BAD_SETTINGS = [
 def test_bad_settings(engine, bad):
     with pytest.raises(EngineError) as err:
         engine.chat([{"role": "user", "content": "Hi"}], GenerationSettings(**bad))
+    assert_one_sentence(str(err.value))
+
+
+@pytest.mark.parametrize(
+    "bad, limit", [(dict(top_k=10**6), "100,000"), (dict(seed=2**64), str(2**63 - 1))], ids=["top_k", "seed"]
+)
+def test_settings_past_their_limit_name_it(engine, bad, limit):
+    with pytest.raises(EngineError) as err:
+        engine.chat([{"role": "user", "content": "Hi"}], GenerationSettings(**bad))
+    assert limit in str(err.value)
     assert_one_sentence(str(err.value))
 
 

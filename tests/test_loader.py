@@ -317,6 +317,85 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(
     assert_one_sentence(str(err.value))
 
 
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"hidden_act": "gelu"}, "activation 'gelu'"),
+        ({"num_attention_heads": 0}, "num_attention_heads 0"),
+        ({"vocab_size": "512"}, 'vocab_size "512"'),
+        ({"intermediate_size": -64}, "intermediate_size -64"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads (3) must divide"),
+    ],
+    ids=["gelu", "no heads", "vocab as text", "negative size", "kv heads"],
+)
+def test_config_the_model_cannot_run_is_refused(tmp_path, bf16_folder, change, words):
+    # read from config.json before transformers divides by a size or type-checks it, or from the
+    # config it builds (a GELU Llama would otherwise run as SiLU: wrong output, no error)
+    folder = tmp_path / "odd-config"
+    shutil.copytree(bf16_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(folder), device="cpu")
+    assert words in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
+def bnb_variant(bf16_folder, folder, **settings) -> Path:
+    """bf16_folder quantized by transformers + bitsandbytes with `settings`, saved to folder."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, **settings)
+    model = AutoModelForCausalLM.from_pretrained(bf16_folder, quantization_config=config, device_map="cpu")
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bf16_folder / name, folder / name)
+    return folder
+
+
+def test_bitsandbytes_checkpoint_with_bf16_storage_loads_the_same_bytes(tmp_path, bf16_folder, bnb_folder):
+    # bnb_4bit_quant_storage=bfloat16 stores the packed bytes typed as bf16: read as bytes, they
+    # are the uint8 checkpoint's (quantization is deterministic), and so is the model's output
+    folder = bnb_variant(
+        bf16_folder, tmp_path / "bf16-storage", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16,
+    )  # fmt: skip
+    assert stored(folder, "model.layers.0.mlp.down_proj.weight").dtype == torch.bfloat16
+    ours, base = (load_model(str(f), device="cpu") for f in (folder, bnb_folder))
+    want = dict(base.model.named_buffers())
+    for name, buffer in ours.model.named_buffers():
+        if name.endswith(("packed", "absmax")):
+            assert torch.equal(buffer, want[name]), name
+    ids = random_ids(12, ours.args.vocab_size, seed=5)
+    assert torch.equal(our_logits(ours.model, ids), our_logits(base.model, ids))
+
+
+SKIPPED = "model.layers.1.mlp.down_proj"  # left in bf16 by llm_int8_skip_modules
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        (dict(bnb_4bit_quant_type="fp4"), "quantized to FP4"),
+        (
+            dict(
+                bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "model.layers.1.mlp.down_proj"]
+            ),
+            "'model.layers.1.mlp.down_proj.weight' is left unquantized",
+        ),
+    ],
+    ids=["fp4", "skipped module"],
+)
+def test_bitsandbytes_checkpoint_in_another_4_bit_form_is_refused_by_name(
+    tmp_path, bf16_folder, settings, words
+):
+    folder = bnb_variant(bf16_folder, tmp_path / "variant", **settings)
+    with pytest.raises(ModelSourceError) as err:
+        load_model(str(folder), device="cpu")
+    assert words in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -373,6 +452,35 @@ def drop_a_tensor(folder):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def edit_header(folder, edit):
+    """Rewrite model.safetensors' JSON header with edit(header), the data left as it was."""
+    data = (folder / "model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(edit(json.loads(data[8 : 8 + size]))).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
+
+
+def header_as_list(folder):
+    edit_header(folder, lambda header: list(header.items()))
+
+
+def shape_past_its_bytes(folder):  # the shape of twice the bytes the entry's offsets span
+    def edit(header):
+        entry = header["model.layers.0.self_attn.q_proj.weight"]
+        entry["shape"] = [entry["shape"][0] * 2, entry["shape"][1]]
+        return header
+
+    edit_header(folder, edit)
+
+
+def entry_without_dtype(folder):
+    def edit(header):
+        del header["model.norm.weight"]["dtype"]
+        return header
+
+    edit_header(folder, edit)
+
+
 @pytest.mark.parametrize(
     "damage, words",
     [
@@ -380,9 +488,15 @@ def drop_a_tensor(folder):
         (break_config, "not valid JSON"),
         (truncate_weights, "cut short"),
         (drop_a_tensor, "model.layers.1.mlp.up_proj.weight"),
+        (header_as_list, "not a valid safetensors file"),
+        (shape_past_its_bytes, "corrupt: its header entry 'model.layers.0.self_attn.q_proj.weight'"),
+        (entry_without_dtype, "corrupt: its header entry 'model.norm.weight'"),
     ],
-    ids=["no tokenizer", "config not JSON", "truncated weights", "missing tensor"],
-)
+    ids=[
+        "no tokenizer", "config not JSON", "truncated weights", "missing tensor", "header not a mapping",
+        "shape past its bytes", "entry without dtype",
+    ],
+)  # fmt: skip
 def test_broken_checkpoint_gives_one_sentence(tmp_path, bf16_folder, damage, words):
     folder = tmp_path / "broken"
     shutil.copytree(bf16_folder, folder)

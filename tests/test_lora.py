@@ -9,6 +9,7 @@ bitsandbytes' Linear4bit holding the same bytes.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from helpers import (
     tiny_tokenizer_dir,
     write_checkpoint,
 )
+from safetensors.torch import load_file, save_file
 
 from model import lora
 from model.engine import Engine, EngineError, GenerationSettings
@@ -121,9 +123,32 @@ def test_nf4_base_with_adapter_matches_peft_on_bitsandbytes(base, hf, adapter_di
 # ---- adapters that do not fit ----
 
 
+NAN_TENSOR = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+# peft features this model does not apply, each made by peft itself: refused by name
+UNSUPPORTED = {
+    "lora_bias": dict(target_modules=["q_proj", "down_proj"], lora_bias=True),
+    "embed_tokens": dict(target_modules=["q_proj", "embed_tokens"]),
+    "lm_head": dict(target_modules=["v_proj", "lm_head"]),
+    "trainable_token_indices": dict(target_modules=["q_proj"], trainable_token_indices=[3, 4, 5]),
+    "aLoRA": dict(target_modules=["q_proj", "k_proj", "v_proj"], alora_invocation_tokens=[5, 6]),
+}
+
+
 @pytest.fixture(scope="module")
-def wrong_adapters(tmp_path_factory, tokenizer_dir):
+def wrong_adapters(tmp_path_factory, tokenizer_dir, hf, adapter_dirs):
     root = tmp_path_factory.mktemp("wrong")
+    for i, (name, kwargs) in enumerate(UNSUPPORTED.items()):
+        peft_adapter(hf, root / name, seed=10 + i, **kwargs)
+    bad_pattern = root / "bad rank_pattern"
+    shutil.copytree(adapter_dirs["patterns"], bad_pattern)
+    config = json.loads((bad_pattern / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj[": 4}  # not a regular expression
+    (bad_pattern / "adapter_config.json").write_text(json.dumps(config))
+    nan = root / "NaN weights"
+    shutil.copytree(adapter_dirs["subset"], nan)
+    tensors = load_file(nan / "adapter_model.safetensors")
+    tensors[NAN_TENSOR][0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
     other = write_checkpoint(root / "other", tokenizer_dir, tiny_config(hidden_size=128), torch.float32)
     cases = {"other hidden size": peft_adapter(hf_model(other), root / "other-adapter", seed=0)}
     (root / "no-config").mkdir()
@@ -136,6 +161,7 @@ def wrong_adapters(tmp_path_factory, tokenizer_dir):
     torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
     cases["pickled adapter_model.bin"] = pickled
     cases["missing folder"] = root / "does-not-exist"
+    cases.update({name: root / name for name in [*UNSUPPORTED, "bad rank_pattern", "NaN weights"]})
     return cases
 
 
@@ -144,6 +170,13 @@ EXPECTED_WORDS = {
     "no adapter_config.json": "adapter_config.json",
     "pickled adapter_model.bin": "adapter_model.safetensors",
     "missing folder": "No adapter folder",
+    "lora_bias": "(lora_bias) are not supported",
+    "embed_tokens": "on the token embeddings or the lm_head are not supported",
+    "lm_head": "on the token embeddings or the lm_head are not supported",
+    "trainable_token_indices": "on the token embeddings or the lm_head are not supported",
+    "aLoRA": "(aLoRA) adapters",
+    "bad rank_pattern": "not a regular expression: 'q_proj['",
+    "NaN weights": f"'{NAN_TENSOR}' holds values that are not finite",
 }
 
 

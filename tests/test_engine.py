@@ -296,6 +296,21 @@ def test_empty_prompt(engine, call):
     assert_one_sentence(str(err.value))
 
 
+def test_tokenizer_larger_than_the_vocabulary_is_named(tmp_path, tmp_path_factory):
+    # ids past the embedding table: an IndexError on the CPU (retried in vain), a zero row from
+    # the GPU's embedding kernel; the prompt is refused in one sentence instead
+    tokenizer = tiny_tokenizer_dir(tmp_path_factory)
+    folder = write_checkpoint(tmp_path / "small-vocab", tokenizer, tiny_config(vocab_size=8), torch.float32)
+    small = Engine.load(str(folder), quantize="none", device="cpu", max_seq_len=256)
+    try:
+        with pytest.raises(EngineError) as err:
+            run(small.instruct("Name the planets.", settings=GREEDY))
+        assert "8-token vocabulary" in str(err.value)
+        assert_one_sentence(str(err.value))
+    finally:
+        small.close()
+
+
 def test_adapter_for_another_hidden_size(engine, tmp_path, tmp_path_factory):
     folder = write_checkpoint(
         tmp_path / "other", tiny_tokenizer_dir(tmp_path_factory), tiny_config(hidden_size=128), torch.float32

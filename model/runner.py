@@ -24,6 +24,7 @@ against 41-48 ms on other machines, the bf16 model 27 ms), so graphs go up to 1,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +37,9 @@ MIN_BUCKET = 256
 # are dequantized once a pass, so a 1,000-token prompt in 512-token chunks paid that twice
 # (H200: 75 ms to the first token against 32 ms for the bf16 model).
 PREFILL_CHUNK = 2048
+# On a CPU a 2,048-token pass takes seconds to tens of seconds: smaller passes let a cancelled
+# prompt (Stop, a closed tab) end sooner; the weights are read once a pass either way.
+PREFILL_CHUNK_CPU = 512
 PREFILL_WIDTH_STEP = 64  # a CUDA prefill's width is rounded up to this (graph keys stay few)
 PREFILL_GRAPH_TOKENS = 1024  # padded prompt tokens (prompts x width) up to which a prefill replays a graph
 
@@ -59,13 +63,19 @@ class Runner:
         self.position = torch.zeros_like(self.token)
         self.width = self.max_position = 0
 
-    def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
+    def prefill(
+        self, ids: list[int], slot: int = 0, stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor | None:
         """Logits (1, V) after the prompt, which fills positions 0 .. len(ids) - 1 of `slot`."""
-        return self.prefill_many([(ids, slot)])
+        return self.prefill_many([(ids, slot)], stop)
 
     @torch.inference_mode()
-    def prefill_many(self, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
-        """Logits (n, V) after each (ids, slot) prompt, all prefilled in shared passes.
+    def prefill_many(
+        self, prompts: list[tuple[list[int], int]], stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor | None:
+        """Logits (n, V) after each (ids, slot) prompt, all prefilled in shared passes; None if
+        stop() said so before a pass after the first (the slots then hold part of the prompts,
+        which the next prefill there overwrites).
 
         A prefill pass's fixed cost is the weights (NF4: dequantized once a pass), so requests
         that arrive together share it. Shorter prompts are padded at the end: their padding
@@ -79,8 +89,11 @@ class Runner:
         lengths = [len(ids) for ids, _ in prompts]
         width = tokens.shape[1]
         out: list[torch.Tensor | None] = [None] * len(prompts)
-        for start in range(0, width, PREFILL_CHUNK):
-            end = min(width, start + PREFILL_CHUNK)
+        chunk = PREFILL_CHUNK if self.device.type == "cuda" else min(PREFILL_CHUNK, PREFILL_CHUNK_CPU)
+        for start in range(0, width, chunk):
+            if start and stop is not None and stop():
+                return None
+            end = min(width, start + chunk)
             positions = torch.arange(start, end, device=self.device).expand(len(prompts), -1)
             here = (last - start).clamp(0, end - start - 1).to(self.device)
             logits = self.model(
@@ -222,14 +235,16 @@ class GraphRunner(Runner):
         return graph, out
 
     @torch.inference_mode()
-    def prefill_many(self, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
+    def prefill_many(
+        self, prompts: list[tuple[list[int], int]], stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor | None:
         """Runner.prefill_many, replayed from a graph when the padded prompts are short. A graph
         bakes in the LoRA tensors active when it was captured: it is keyed by that adapter
         object (model.active_adapter, kept alive with the graph)."""
         n = len(prompts)
         width = self.prefill_width(n, max(len(ids) for ids, _ in prompts))
         if n * width > PREFILL_GRAPH_TOKENS or width % PREFILL_WIDTH_STEP:
-            return super().prefill_many(prompts)
+            return super().prefill_many(prompts, stop)
         tokens, slots, last = self.prefill_inputs(prompts)
         adapter = self.model.active_adapter
         key = (id(adapter), n, width, slots is not None)

@@ -204,10 +204,12 @@ class Scheduler:
 
     def prefill_together(self, group: list[tuple[Request, int]]) -> torch.Tensor | None:
         """Logits (n, V) of one adapter's new requests prefilled together, or None if that
-        failed (each is then prefilled alone, so one bad request fails only itself)."""
+        failed (each is then prefilled alone, so one bad request fails only itself) or all of them
+        were cancelled meanwhile."""
         try:
             self.use_adapter(group[0][0].adapter)
-            return self.runner.prefill_many([(request.ids, slot) for request, slot in group])
+            prompts = [(request.ids, slot) for request, slot in group]
+            return self.runner.prefill_many(prompts, lambda: all(r.cancel.cancelled for r, _ in group))
         except Exception:
             log.exception("Shared prefill failed; prefilling the requests one by one")
             return None
@@ -222,7 +224,11 @@ class Scheduler:
             self.seen[slot, torch.tensor(request.ids, device=self.device)] = True
         if logits is None:
             self.use_adapter(request.adapter)
-            logits = self.runner.prefill(request.ids, slot)[0]
+            logits = self.runner.prefill(request.ids, slot, lambda: request.cancel.cancelled)
+            if logits is None:  # cancelled between two passes of a long prompt
+                request.out.put((None, "cancelled", time.perf_counter()))
+                return
+            logits = logits[0]
         row = Row(request, slot, len(request.ids), 0, 0, generator)
         self.rows[slot] = row
         token_id = int(self.pick(row, logits))

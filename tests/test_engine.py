@@ -362,7 +362,9 @@ def test_requests_arriving_together_share_their_prefill(engine, monkeypatch):
 
     shared = engine.runner.prefill_many
     calls = []
-    monkeypatch.setattr(engine.runner, "prefill_many", lambda p: calls.append(len(p)) or shared(p))
+    monkeypatch.setattr(
+        engine.runner, "prefill_many", lambda p, stop=None: calls.append(len(p)) or shared(p, stop)
+    )
     with engine.scheduler.wake:  # the worker waits for this lock, then finds all three waiting
         streams = [engine.generate_ids(ids, settings) for ids in prompts_ids]
     assert [run(stream)[2] for stream in streams] == alone
@@ -446,10 +448,10 @@ def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, mon
     cancel = CancelToken()
     prefill, prefilled = engine.runner.prefill, []
 
-    def cancelling(prompt, slot=0):  # the second request is cancelled during the first's prefill
+    def cancelling(prompt, slot=0, stop=None):  # the second request is cancelled during the first's prefill
         prefilled.append(slot)
         cancel.cancel()
-        return prefill(prompt, slot)
+        return prefill(prompt, slot, stop)
 
     monkeypatch.setattr(engine.runner, "prefill", cancelling)
     settings = GenerationSettings(temperature=0, max_new_tokens=3, ignore_eos=True)
@@ -462,14 +464,38 @@ def test_a_request_cancelled_while_another_prefills_is_not_prefilled(engine, mon
     assert len(prefilled) == 1
 
 
+def test_a_long_prompt_cancelled_while_it_is_read_stops_between_passes(engine, monkeypatch):
+    # Stop or a closed tab during a long prompt's prefill: the next pass does not run (on a CPU a
+    # 2,048-token pass took tens of seconds), and the request ends cancelled, with no token
+    monkeypatch.setattr("model.runner.PREFILL_CHUNK_CPU", 16)
+    ids = prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS)
+    assert len(ids) > 32  # three passes or more
+    asked = []
+    with torch.inference_mode():
+        assert engine.runner.prefill(ids, 0, lambda: asked.append(1) or True) is None
+    assert asked == [1]  # before the second pass, which did not run
+
+    cancel = CancelToken()
+    prefill = engine.runner.prefill
+
+    def user_stops_during_the_first_pass(ids, slot=0, stop=None):
+        return prefill(ids, slot, lambda: cancel.cancel() or stop())
+
+    monkeypatch.setattr(engine.runner, "prefill", user_stops_during_the_first_pass)
+    events = list(engine.generate_ids(ids, GREEDY, cancel=cancel))
+    assert events[-1].stats.stop_reason == "cancelled" and events[-1].stats.new_tokens == 0
+    monkeypatch.undo()
+    still_works(engine)
+
+
 def test_a_failed_shared_prefill_falls_back_to_one_by_one(engine, monkeypatch):
     """If the shared pass fails, each request is prefilled alone and still served."""
     shared = engine.runner.prefill_many
 
-    def broken(prompts):  # only passes of several prompts fail (a lone prefill is one prompt)
+    def broken(prompts, stop=None):  # only passes of several prompts fail (a lone prefill is one prompt)
         if len(prompts) > 1:
             raise RuntimeError("out of memory, say")
-        return shared(prompts)
+        return shared(prompts, stop)
 
     monkeypatch.setattr(engine.runner, "prefill_many", broken)
     settings = GenerationSettings(temperature=0, max_new_tokens=3, ignore_eos=True)

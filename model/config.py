@@ -14,7 +14,15 @@ class UnsupportedModelError(ValueError):
     """The checkpoint is not a Llama-family model this project can run."""
 
 
-SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings",
+)  # fmt: skip
+OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "head_dim")  # absent or null: derived from the above
+
+
+def positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _checked_sizes(config: Any) -> int:
@@ -23,14 +31,14 @@ def _checked_sizes(config: Any) -> int:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):  # the feed-forward computes silu(gate) * up, nothing else
         raise UnsupportedModelError(f"The activation '{act}' is not supported; Llama models use SiLU.")
-    for name in SIZE_FIELDS:
+    for name in (*SIZE_FIELDS, *OPTIONAL_SIZE_FIELDS):
         value = getattr(config, name, None)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not positive_int(value) and not (name in OPTIONAL_SIZE_FIELDS and value is None):
             raise UnsupportedModelError(f"The config's {name} must be a positive whole number: {value!r}.")
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    if not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0 or config.num_attention_heads % kv:
+    if config.num_attention_heads % kv:
         raise UnsupportedModelError(
-            f"The config's num_key_value_heads ({kv!r}) must divide num_attention_heads "
+            f"The config's num_key_value_heads ({kv}) must divide num_attention_heads "
             f"({config.num_attention_heads})."
         )
     return kv

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import SIZE_FIELDS, ModelArgs, UnsupportedModelError
+from model.config import OPTIONAL_SIZE_FIELDS, SIZE_FIELDS, ModelArgs, UnsupportedModelError, positive_int
 from model.llama import Transformer
 from model.ops import get_ops
 from model.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, expand_absmax, half_absmax, quantize_nf4
@@ -496,7 +496,10 @@ def choose_quantization(quantize: str, args: ModelArgs, prequantized: bool) -> b
 
 def first_sentence(err: BaseException) -> str:
     """The first sentence of a library's error message (theirs often run to a paragraph)."""
-    text = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".")
+    lines = [line.strip() for line in str(err).strip().split("\n") if line.strip()] or [""]
+    if lines[0].endswith(":") and len(lines) > 1:  # "Validation error for field 'x':" then what
+        lines[0] = f"{lines[0]} {lines[1]}"
+    text = lines[0].split(". ")[0].rstrip(".")
     return (text or err.__class__.__name__) + "."
 
 
@@ -513,8 +516,9 @@ def read_config(folder: Path, source: str):
         raise ModelSourceError(
             f"Only Llama-family models are supported; this checkpoint is '{model_type or 'unknown'}'."
         )
-    for name in SIZE_FIELDS:  # before transformers divides by them or type-checks them
-        if name in raw and not (type(raw[name]) is int and raw[name] > 0):
+    for name in (*SIZE_FIELDS, *OPTIONAL_SIZE_FIELDS):  # before transformers divides by them
+        optional = name in OPTIONAL_SIZE_FIELDS and raw.get(name) is None
+        if name in raw and not optional and not positive_int(raw[name]):
             raise ModelSourceError(
                 f"The config.json in '{shown(source)}' has {name} {json.dumps(raw[name])[:40]}; "
                 "it must be a positive whole number."

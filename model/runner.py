@@ -74,8 +74,8 @@ class Runner:
         self, prompts: list[tuple[list[int], int]], stop: Callable[[], bool] | None = None
     ) -> torch.Tensor | None:
         """Logits (n, V) after each (ids, slot) prompt, all prefilled in shared passes; None if
-        stop() said so before a pass after the first (the slots then hold part of the prompts,
-        which the next prefill there overwrites).
+        stop() said so before a pass (the slots may then hold part of the prompts, which the next
+        prefill there overwrites).
 
         A prefill pass's fixed cost is the weights (NF4: dequantized once a pass), so requests
         that arrive together share it. Shorter prompts are padded at the end: their padding
@@ -91,7 +91,7 @@ class Runner:
         out: list[torch.Tensor | None] = [None] * len(prompts)
         chunk = PREFILL_CHUNK if self.device.type == "cuda" else min(PREFILL_CHUNK, PREFILL_CHUNK_CPU)
         for start in range(0, width, chunk):
-            if start and stop is not None and stop():
+            if stop is not None and stop():
                 return None
             end = min(width, start + chunk)
             positions = torch.arange(start, end, device=self.device).expand(len(prompts), -1)

@@ -4,6 +4,8 @@ after which the engine still generates)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from helpers import (
@@ -229,6 +231,35 @@ def test_control_tokens_typed_into_the_instruction_stay_text(engine):
     assert not set(control) & set(ids)
     plain = prompts.alpaca_prompt_ids(engine.tokenizer, "Name the planets.")
     assert plain == engine.tokenizer(prompts.alpaca_prompt("Name the planets."))["input_ids"]
+
+
+def test_prompts_encoded_by_two_threads_at_once_keep_their_own_options(engine):
+    # the tokenizer's options are state on the shared tokenizer: an Alpaca prompt (typed control
+    # tokens as text) and a chat (the template's control tokens as tokens) encoded at once used to
+    # swap them now and then (measured: 6-10 and 1-5 of 200 each)
+    end, start = (engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>"))
+    text = "the planets of the solar system " * 60
+    wrong = []
+
+    def instruct():
+        for _ in range(500):
+            wrong.extend(
+                ["instruct"]
+                if end in prompts.alpaca_prompt_ids(engine.tokenizer, "<|im_end|> " + text)
+                else []
+            )
+
+    def chat():
+        for _ in range(500):
+            ids = prompts.chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": text}])
+            wrong.extend([] if start in ids else ["chat"])
+
+    threads = [threading.Thread(target=instruct), threading.Thread(target=chat)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_system_prompt_over_the_context_is_named(engine):
@@ -470,10 +501,10 @@ def test_a_long_prompt_cancelled_while_it_is_read_stops_between_passes(engine, m
     monkeypatch.setattr("model.runner.PREFILL_CHUNK_CPU", 16)
     ids = prompts.alpaca_prompt_ids(engine.tokenizer, PLANETS)
     assert len(ids) > 32  # three passes or more
-    asked = []
+    answers = [False, True]  # go on before the first pass, stop before the second
     with torch.inference_mode():
-        assert engine.runner.prefill(ids, 0, lambda: asked.append(1) or True) is None
-    assert asked == [1]  # before the second pass, which did not run
+        assert engine.runner.prefill(ids, 0, lambda: answers.pop(0)) is None
+    assert answers == []  # asked twice: the third pass was not even asked about
 
     cancel = CancelToken()
     prefill = engine.runner.prefill
@@ -541,11 +572,11 @@ def test_a_failed_prefill_fails_its_request_alone(engine, monkeypatch):
     """An exception inside the worker ends that request with one sentence; the worker lives on."""
     prefill = engine.runner.prefill
 
-    def broken(ids, slot=0):
+    def broken(ids, slot=0, stop=None):
         raise RuntimeError("out of memory, say")
 
     monkeypatch.setattr(engine.runner, "prefill", broken)
-    with pytest.raises(EngineError, match="Generation failed"):
+    with pytest.raises(EngineError, match=r"Generation failed \(RuntimeError\)"):
         run(engine.chat([{"role": "user", "content": "Hello"}], GREEDY))
     monkeypatch.setattr(engine.runner, "prefill", prefill)
     settings = GenerationSettings(temperature=0, max_new_tokens=4)

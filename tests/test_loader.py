@@ -325,8 +325,11 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(
         ({"vocab_size": "512"}, 'vocab_size "512"'),
         ({"intermediate_size": -64}, "intermediate_size -64"),
         ({"num_key_value_heads": 3}, "num_key_value_heads (3) must divide"),
+        ({"head_dim": -64}, "head_dim -64"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings 0"),
+        ({"rms_norm_eps": "tiny"}, "Field 'rms_norm_eps' expected float"),  # transformers' check, whole
     ],
-    ids=["gelu", "no heads", "vocab as text", "negative size", "kv heads"],
+    ids=["gelu", "no heads", "vocab as text", "negative size", "kv heads", "head_dim", "no positions", "eps"],
 )
 def test_config_the_model_cannot_run_is_refused(tmp_path, bf16_folder, change, words):
     # read from config.json before transformers divides by a size or type-checks it, or from the

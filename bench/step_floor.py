@@ -1,0 +1,231 @@
+"""The floor under a whole decode step: its bytes read a launch a phase, in one launch, or flat.
+
+    python -m bench.step_floor
+
+A Llama-3-8B decode step (NF4 weights with fp16 scales, LoRA r16 on all seven projections, the
+bf16 lm_head, 124 positions of KV cache) reads its bytes in phases that each need the one before
+(its x): a layer's norm and q/k/v LoRA A, q/k/v, attention, o, the second norm, gate + up, down;
+then the final norm and the lm_head, 226 phases. Their weights do not depend on anything. This
+reads the same bytes, laid out phase after phase in one buffer, with kernels that only read
+(bench.read_ceiling's XOR), four ways, each a CUDA graph replayed past the L2:
+
+- a launch a phase: what the model's ~260 launches a step cost at best, their math aside;
+- one persistent launch, every program reading its share of a phase and then waiting at a
+  grid-wide barrier (an atomic counter) before the next: a megakernel's floor;
+- the same, with each program's first load of the next phase issued before it waits (the
+  weights do not depend on the previous phase): a megakernel that prefetches across its syncs;
+- one flat read of all the bytes: the floor of any design.
+
+Prints each one's time a step, its share of the copy bandwidth, and the tokens/s it would allow
+if nothing else took time. The barrier needs every program resident at once: the launch sizes
+its grid from the compiled kernel's registers and shared memory, and a program that waits past
+SPIN_LIMIT polls gives up and counts itself in `stalls` (the run then reports the variant
+failed, not a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+from bench.read_ceiling import read_xor
+
+SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of the barrier counter before a program gives up
+REGS_PER_SM = 65536  # sm_80 and later
+VARIANT = (2048, 8, 8)  # (BLOCK, ITERS, warps): bench.read_ceiling's best flat shape on a down weight
+
+
+def llama3_8b_phases(rank: int = 16, positions: int = 124) -> list[tuple[str, int]]:
+    """(name, bytes) of each phase of one decode step, in order."""
+    dim, q, kv, inter, vocab, layers = 4096, 4096, 1024, 14336, 128256, 32
+
+    def nf4(n: int, k: int) -> int:  # packed nibbles and one fp16 scale a 64-block
+        return n * k // 2 + n * k // 64 * 2
+
+    def lora_a(k: int, parts: int = 1) -> int:
+        return parts * rank * k * 2
+
+    def lora_b(n: int) -> int:
+        return rank * n * 2
+
+    layer = [
+        ("norm + q/k/v LoRA A", dim * 2 + lora_a(dim, 3)),
+        ("q/k/v", nf4(q + 2 * kv, dim) + lora_b(q) + 2 * lora_b(kv)),
+        ("attention + o LoRA A", 2 * (kv // 128) * positions * 128 * 2 + lora_a(q)),
+        ("o", nf4(dim, q) + lora_b(dim)),
+        ("norm + gate/up LoRA A", dim * 2 + lora_a(dim, 2)),
+        ("gate + up", nf4(2 * inter, dim) + 2 * lora_b(inter)),
+        ("down", lora_a(inter) + nf4(dim, inter) + lora_b(dim)),
+    ]
+    return layer * layers + [("final norm", dim * 2), ("lm_head", vocab * dim * 2)]
+
+
+def phase_bounds(phases: list[tuple[str, int]], align: int = 64) -> list[int]:
+    """Word offsets of each phase's start in one buffer, then its end: each start a multiple of
+    `align` words (a real tensor is at least 256-byte aligned); a phase reads up to the next."""
+    bounds = [0]
+    for _, nbytes in phases:
+        bounds.append(triton.cdiv(bounds[-1] + triton.cdiv(nbytes, 4), align) * align)
+    return bounds
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, target, stalls_ptr):
+    """Wait until `target` programs have arrived (the counter only grows within a launch)."""
+    tl.debug_barrier()  # every thread of the program is done with the phase
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    polls = 0
+    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
+        polls += 1
+    if polls >= SPIN_LIMIT:
+        tl.atomic_add(stalls_ptr, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _first_chunk(src_ptr, bounds_ptr, ph, pid, lanes, CHUNK: tl.constexpr):
+    """This program's first chunk of phase ph (zeros past the phase's end)."""
+    start = tl.load(bounds_ptr + ph) + pid * CHUNK
+    return tl.load(src_ptr + start + lanes, mask=start + lanes < tl.load(bounds_ptr + ph + 1), other=0)
+
+
+@triton.jit
+def _step_kernel(
+    src_ptr,  # (words,) int32 the step's bytes, phase after phase
+    bounds_ptr,  # (PHASES + 1,) int64 word offsets of each phase's start, then the end
+    counter_ptr,  # (1,) int32 zero at launch: programs arrived at the barriers so far
+    stalls_ptr,  # (1,) int32: programs that gave up waiting (must stay 0)
+    out_ptr,  # (programs,) int32: each program's XOR of its words
+    PHASES,  # phases in the step
+    BLOCK: tl.constexpr,  # words a row of a chunk
+    ITERS: tl.constexpr,  # rows a chunk: one load of ITERS x BLOCK words
+    PREFETCH: tl.constexpr,  # issue the next phase's first chunk before the barrier
+):
+    """Program p reads chunks p, p + programs, ... of each phase, then waits for every program at
+    a barrier; with PREFETCH its first chunk of the next phase is in flight while it waits."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    CHUNK: tl.constexpr = BLOCK * ITERS
+    lanes = tl.arange(0, ITERS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    stride = programs.to(tl.int64) * CHUNK
+    acc = tl.zeros((BLOCK,), tl.int32)
+    ahead = _first_chunk(src_ptr, bounds_ptr, 0, pid, lanes, CHUNK)
+    for ph in range(PHASES):
+        if not PREFETCH:
+            if ph > 0:  # loaded only now that the barrier is behind
+                ahead = _first_chunk(src_ptr, bounds_ptr, ph, pid, lanes, CHUNK)
+        acc ^= tl.xor_sum(ahead, 0)
+        end = tl.load(bounds_ptr + ph + 1)
+        for c0 in range(tl.load(bounds_ptr + ph) + pid * CHUNK + stride, end, stride):
+            acc ^= tl.xor_sum(tl.load(src_ptr + c0 + lanes, mask=c0 + lanes < end, other=0), 0)
+        if ph + 1 < PHASES:
+            if PREFETCH:  # the next phase's weights need nothing from this one
+                ahead = _first_chunk(src_ptr, bounds_ptr, ph + 1, pid, lanes, CHUNK)
+            _grid_barrier(counter_ptr, (ph + 1) * programs, stalls_ptr)
+    tl.store(out_ptr + pid, tl.xor_sum(acc, 0))
+
+
+def step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch):
+    """One persistent launch over every phase; counter must be zero (the caller zeroes it, in the
+    graph for a replay). Returns out cut to the programs."""
+    block, iters, warps = variant
+    _step_kernel[(programs,)](
+        src, bounds, counter, stalls, out, bounds.numel() - 1, block, iters, prefetch, num_warps=warps
+    )
+    return out[:programs]
+
+
+def resident_programs(variant, prefetch, device) -> int:
+    """Programs that fit on the device at once (the barrier needs all of them resident)."""
+    block, iters, warps = variant
+    props = torch.cuda.get_device_properties(device)
+    src = torch.zeros(64, dtype=torch.int32, device=device)
+    bounds = torch.tensor([0, 64], dtype=torch.int64, device=device)
+    one = torch.zeros(1, dtype=torch.int32, device=device)
+    compiled = _step_kernel[(1,)](src, bounds, one, one.clone(), one.clone(), 1, block, iters, prefetch,
+                                  num_warps=warps)  # fmt: skip
+    threads = 32 * warps
+    by_regs = REGS_PER_SM // max(1, compiled.n_regs * threads)
+    by_threads = props.max_threads_per_multi_processor // threads
+    by_smem = props.shared_memory_per_multiprocessor // max(1, compiled.metadata.shared)
+    return props.multi_processor_count * max(1, min(by_regs, by_threads, by_smem, 2))
+
+
+def xor_all(t: torch.Tensor) -> int:
+    """The XOR of all words of t (int32), folded on its device."""
+    t = t.reshape(-1)
+    while t.numel() > 1:
+        if t.numel() % 2:
+            t = torch.cat([t, t.new_zeros(1)])
+        t = t[: t.numel() // 2] ^ t[t.numel() // 2 :]
+    return int(t.item()) if t.numel() else 0
+
+
+def main() -> None:
+    from bench.decode import copy_bandwidth
+    from bench.kernels import graph_time_us
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--positions", type=int, default=124, help="KV-cache positions a layer reads")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    phases = llama3_8b_phases(positions=args.positions)
+    bounds_list = phase_bounds(phases)
+    words = bounds_list[-1]
+    src = torch.randint(-(2**31), 2**31 - 1, (words,), dtype=torch.int32, device=device)
+    bounds = torch.tensor(bounds_list, dtype=torch.int64, device=device)
+    out = torch.empty(triton.cdiv(words, 1024), dtype=torch.int32, device=device)
+    expect = xor_all(src)
+    copy_bw = copy_bandwidth(device)
+    nbytes = 4 * words
+
+    def per_phase(_):
+        for i in range(len(bounds_list) - 1):
+            read_xor(src[bounds_list[i] : bounds_list[i + 1]], out, VARIANT)
+
+    def phase_xors():
+        got = 0
+        for i in range(len(bounds_list) - 1):
+            got ^= xor_all(read_xor(src[bounds_list[i] : bounds_list[i + 1]], out, VARIANT))
+        return got
+
+    if phase_xors() != expect or xor_all(read_xor(src, out, VARIANT)) != expect:
+        raise SystemExit("a read-only launch missed or repeated words")
+    results = {"a launch a phase": graph_time_us(per_phase, 1)}
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    stalls = torch.zeros(1, dtype=torch.int32, device=device)
+    for prefetch in (False, True):
+        programs = resident_programs(VARIANT, prefetch, device)
+
+        def persistent(_, programs=programs, prefetch=prefetch):
+            counter.zero_()
+            step_xor(src, bounds, counter, stalls, out, programs, VARIANT, prefetch)
+
+        counter.zero_()
+        if xor_all(step_xor(src, bounds, counter, stalls, out, programs, VARIANT, prefetch)) != expect:
+            raise SystemExit(f"the persistent launch (prefetch {prefetch}) missed or repeated words")
+        name = "one launch, a barrier a phase" + (", next load in flight" if prefetch else "")
+        stalls.zero_()
+        results[name] = graph_time_us(persistent, 1)
+        if int(stalls.item()):
+            results[name] = float("nan")  # some program gave up at a barrier: not all were resident
+        results[name + f" ({programs} programs)"] = results.pop(name)
+    results["one flat read"] = graph_time_us(lambda _: read_xor(src, out, VARIANT), 1)
+    print(f"{torch.cuda.get_device_name(device)}, copy {copy_bw / 1e9:.0f} GB/s; one step: "
+          f"{len(phases)} phases, {nbytes / 1e9:.3f} GB")  # fmt: skip
+    print(f"{'how':<58} {'us a step':>10} {'of copy':>8} {'tok/s':>7}")
+    rows = []
+    for name, us in results.items():
+        share = nbytes / (us * 1e-6) / copy_bw
+        print(f"{name:<58} {us:10.1f} {share:8.1%} {1e6 / us:7.1f}")
+        rows.append({"how": name, "us": us, "of_copy": share, "tok_s": 1e6 / us})
+    print(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbs": copy_bw / 1e9,
+                      "phases": len(phases), "bytes": nbytes, "rows": rows}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

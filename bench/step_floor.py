@@ -34,13 +34,17 @@ import triton.language as tl
 
 from bench.read_ceiling import read_xor
 
-SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of the barrier counter before a program gives up
-REGS_PER_SM = 65536  # sm_80 and later
+SPIN_LIMIT = tl.constexpr(1 << 20)  # polls of the barrier counter before a program gives up
 VARIANT = (2048, 8, 8)  # (BLOCK, ITERS, warps): bench.read_ceiling's best flat shape on a down weight
+# the persistent kernel's (BLOCK, ITERS, warps), one program an SM: fewer words a chunk a thread
+# leave room for the chunk loaded ahead
+PERSISTENT_VARIANTS = [(2048, 8, 8), (2048, 4, 8), (2048, 4, 16), (4096, 4, 16), (1024, 4, 8)]
 
 
-def llama3_8b_phases(rank: int = 16, positions: int = 124) -> list[tuple[str, int]]:
-    """(name, bytes) of each phase of one decode step, in order."""
+def llama3_8b_phases(rank: int = 16, positions: int = 124, fold_norms: bool = False) -> list[tuple[str, int]]:
+    """(name, bytes) of each phase of one decode step, in order. fold_norms: each RMSNorm (and
+    the LoRA A after it) joins the phase after it, as a design that computes the norm's sums in
+    the phase before would (5 phases a layer, 162 a step)."""
     dim, q, kv, inter, vocab, layers = 4096, 4096, 1024, 14336, 128256, 32
 
     def nf4(n: int, k: int) -> int:  # packed nibbles and one fp16 scale a 64-block
@@ -61,7 +65,17 @@ def llama3_8b_phases(rank: int = 16, positions: int = 124) -> list[tuple[str, in
         ("gate + up", nf4(2 * inter, dim) + 2 * lora_b(inter)),
         ("down", lora_a(inter) + nf4(dim, inter) + lora_b(dim)),
     ]
-    return layer * layers + [("final norm", dim * 2), ("lm_head", vocab * dim * 2)]
+    steps = layer * layers + [("final norm", dim * 2), ("lm_head", vocab * dim * 2)]
+    if not fold_norms:
+        return steps
+    folded, held = [], 0
+    for name, nbytes in steps:
+        if "norm" in name:
+            held += nbytes
+        else:
+            folded.append((name, nbytes + held))
+            held = 0
+    return folded
 
 
 def phase_bounds(phases: list[tuple[str, int]], align: int = 64) -> list[int]:
@@ -139,20 +153,11 @@ def step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch):
     return out[:programs]
 
 
-def resident_programs(variant, prefetch, device) -> int:
-    """Programs that fit on the device at once (the barrier needs all of them resident)."""
-    block, iters, warps = variant
-    props = torch.cuda.get_device_properties(device)
-    src = torch.zeros(64, dtype=torch.int32, device=device)
-    bounds = torch.tensor([0, 64], dtype=torch.int64, device=device)
-    one = torch.zeros(1, dtype=torch.int32, device=device)
-    compiled = _step_kernel[(1,)](src, bounds, one, one.clone(), one.clone(), 1, block, iters, prefetch,
-                                  num_warps=warps)  # fmt: skip
-    threads = 32 * warps
-    by_regs = REGS_PER_SM // max(1, compiled.n_regs * threads)
-    by_threads = props.max_threads_per_multi_processor // threads
-    by_smem = props.shared_memory_per_multiprocessor // max(1, compiled.metadata.shared)
-    return props.multi_processor_count * max(1, min(by_regs, by_threads, by_smem, 2))
+def resident_programs(device) -> int:
+    """One program an SM: the barrier needs every program resident at once, and one program of
+    VARIANT's warps always fits an SM (at most 255 registers a thread). A second one did not
+    always: the first run of this bench, at two an SM, waited at its barriers past its limit."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def xor_all(t: torch.Tensor) -> int:
@@ -171,9 +176,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--positions", type=int, default=124, help="KV-cache positions a layer reads")
+    parser.add_argument("--fold-norms", action="store_true", help="each norm joins the phase after it")
     args = parser.parse_args()
     device = torch.device("cuda")
-    phases = llama3_8b_phases(positions=args.positions)
+    phases = llama3_8b_phases(positions=args.positions, fold_norms=args.fold_norms)
     bounds_list = phase_bounds(phases)
     words = bounds_list[-1]
     src = torch.randint(-(2**31), 2**31 - 1, (words,), dtype=torch.int32, device=device)
@@ -183,46 +189,51 @@ def main() -> None:
     copy_bw = copy_bandwidth(device)
     nbytes = 4 * words
 
+    print(f"{torch.cuda.get_device_name(device)}, copy {copy_bw / 1e9:.0f} GB/s; one step: "
+          f"{len(phases)} phases, {nbytes / 1e9:.3f} GB", flush=True)  # fmt: skip
+    print(f"{'how':<72} {'us a step':>10} {'of copy':>8} {'tok/s':>7}", flush=True)
+    rows = []
+
+    def report(name: str, us: float) -> None:
+        share = nbytes / (us * 1e-6) / copy_bw
+        print(f"{name:<72} {us:10.1f} {share:8.1%} {1e6 / us:7.1f}", flush=True)
+        rows.append({"how": name, "us": us, "of_copy": share, "tok_s": 1e6 / us})
+
+    if xor_all(read_xor(src, out, VARIANT)) != expect:
+        raise SystemExit("the flat read missed or repeated words")
+    report("one flat read", graph_time_us(lambda _: read_xor(src, out, VARIANT), 1))
+
     def per_phase(_):
         for i in range(len(bounds_list) - 1):
             read_xor(src[bounds_list[i] : bounds_list[i + 1]], out, VARIANT)
 
-    def phase_xors():
-        got = 0
-        for i in range(len(bounds_list) - 1):
-            got ^= xor_all(read_xor(src[bounds_list[i] : bounds_list[i + 1]], out, VARIANT))
-        return got
+    got = 0
+    for i in range(len(bounds_list) - 1):
+        got ^= xor_all(read_xor(src[bounds_list[i] : bounds_list[i + 1]], out, VARIANT))
+    if got != expect:
+        raise SystemExit("the launches a phase missed or repeated words")
+    report(f"a launch a phase ({len(phases)} launches)", graph_time_us(per_phase, 1))
 
-    if phase_xors() != expect or xor_all(read_xor(src, out, VARIANT)) != expect:
-        raise SystemExit("a read-only launch missed or repeated words")
-    results = {"a launch a phase": graph_time_us(per_phase, 1)}
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     stalls = torch.zeros(1, dtype=torch.int32, device=device)
-    for prefetch in (False, True):
-        programs = resident_programs(VARIANT, prefetch, device)
+    programs = resident_programs(device)
+    for variant in PERSISTENT_VARIANTS:
+        for prefetch in (False, True):
 
-        def persistent(_, programs=programs, prefetch=prefetch):
+            def persistent(_, variant=variant, prefetch=prefetch):
+                counter.zero_()
+                step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch)
+
             counter.zero_()
-            step_xor(src, bounds, counter, stalls, out, programs, VARIANT, prefetch)
-
-        counter.zero_()
-        if xor_all(step_xor(src, bounds, counter, stalls, out, programs, VARIANT, prefetch)) != expect:
-            raise SystemExit(f"the persistent launch (prefetch {prefetch}) missed or repeated words")
-        name = "one launch, a barrier a phase" + (", next load in flight" if prefetch else "")
-        stalls.zero_()
-        results[name] = graph_time_us(persistent, 1)
-        if int(stalls.item()):
-            results[name] = float("nan")  # some program gave up at a barrier: not all were resident
-        results[name + f" ({programs} programs)"] = results.pop(name)
-    results["one flat read"] = graph_time_us(lambda _: read_xor(src, out, VARIANT), 1)
-    print(f"{torch.cuda.get_device_name(device)}, copy {copy_bw / 1e9:.0f} GB/s; one step: "
-          f"{len(phases)} phases, {nbytes / 1e9:.3f} GB")  # fmt: skip
-    print(f"{'how':<58} {'us a step':>10} {'of copy':>8} {'tok/s':>7}")
-    rows = []
-    for name, us in results.items():
-        share = nbytes / (us * 1e-6) / copy_bw
-        print(f"{name:<58} {us:10.1f} {share:8.1%} {1e6 / us:7.1f}")
-        rows.append({"how": name, "us": us, "of_copy": share, "tok_s": 1e6 / us})
+            got = xor_all(step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch))
+            if got != expect or int(stalls.item()):
+                raise SystemExit(f"the persistent launch {variant} (prefetch {prefetch}) missed or repeated "
+                                 f"words, or {int(stalls.item())} programs gave up at a barrier")  # fmt: skip
+            us = graph_time_us(persistent, 1)
+            if int(stalls.item()):
+                raise SystemExit(f"{int(stalls.item())} programs gave up at a barrier: not all were resident")
+            name = f"one launch of {programs} x {variant}, a barrier a phase"
+            report(name + (", next chunk ahead" if prefetch else ""), us)
     print(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbs": copy_bw / 1e9,
                       "phases": len(phases), "bytes": nbytes, "rows": rows}))  # fmt: skip
 

@@ -31,6 +31,9 @@ def test_phases_are_a_llama3_8b_step():
     bounds = step_floor.phase_bounds(phases)
     assert all(b % 64 == 0 for b in bounds) and len(bounds) == len(phases) + 1
     assert all(4 * (e - s) >= n for (_, n), s, e in zip(phases, bounds, bounds[1:]))
+    folded = step_floor.llama3_8b_phases(fold_norms=True)
+    assert len(folded) == 5 * 32 + 1 and sum(b for _, b in folded) == total
+    assert not any("norm" in name for name, _ in folded)
 
 
 @pytest.mark.parametrize("prefetch", [False, True])

@@ -282,6 +282,10 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the header, without reading its data."""
+        return tuple(self.where[name][2]["shape"])
+
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ModelSourceError(f"The checkpoint lacks the tensor '{name}'.")
@@ -316,7 +320,7 @@ def read_prequantized(
     nf4 = f"{name}.quant_state.bitsandbytes__nf4"
     if nf4 not in reader and f"{name}.quant_state.bitsandbytes__fp4" in reader:
         raise ModelSourceError(f"'{name}' is quantized to FP4; only NF4 4-bit checkpoints are supported.")
-    if nf4 not in reader and name in reader and reader(name).numel() == shape[0] * shape[1]:
+    if nf4 not in reader and name in reader and math.prod(reader.shape(name)) == shape[0] * shape[1]:
         raise ModelSourceError(
             f"'{name}' is left unquantized in this 4-bit checkpoint (llm_int8_skip_modules); "
             "only checkpoints with all seven projections in NF4 are supported."

@@ -140,6 +140,27 @@ def test_bitsandbytes_checkpoint_loads_as_stored(bnb_folder, monkeypatch):
         torch.testing.assert_close(our_logits(loaded.model, ids), hf_logits(reference, ids), **FP32)
 
 
+def test_unquantized_module_is_told_from_the_header(bf16_folder):
+    # a weight without NF4 state (llm_int8_skip_modules leaves it in bf16) is refused by the
+    # size its header gives, without reading the whole tensor
+    reads = []
+
+    class CountingReader(loader.SafetensorsReader):
+        def __call__(self, name):
+            reads.append(name)
+            return super().__call__(name)
+
+    reader = CountingReader(bf16_folder)
+    with safe_open(str(bf16_folder / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            assert reader.shape(name) == tuple(f.get_slice(name).get_shape()), name
+    config = json.loads((bf16_folder / "config.json").read_text())
+    shape = (config["hidden_size"], config["intermediate_size"])
+    with pytest.raises(ModelSourceError, match="left unquantized"):
+        loader.read_prequantized(reader, f"{SKIPPED}.weight", shape, torch.device("cpu"))
+    assert not reads
+
+
 def test_half_absmax_rounds_to_fp16_within_its_range():
     absmax = torch.tensor([0.0, 1e-6, 0.0123456, 3.0, 65504.0])
     half = half_absmax(absmax)

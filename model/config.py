@@ -6,6 +6,7 @@ transformers turns into a LlamaConfig); nothing is guessed from file names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,16 +26,27 @@ def positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def bad_size(sizes: Mapping[str, Any]) -> str | None:
+    """The first size field in `sizes` that is not a positive whole number (one absent from
+    `sizes` is not checked; an optional one may be None), else None. Shared by the check of
+    config.json (before transformers divides by its sizes) and of the config built from it."""
+    for name in (*SIZE_FIELDS, *OPTIONAL_SIZE_FIELDS):
+        value = sizes.get(name)
+        optional = name in OPTIONAL_SIZE_FIELDS and value is None
+        if name in sizes and not optional and not positive_int(value):
+            return name
+    return None
+
+
 def _checked_sizes(config: Any) -> int:
     """Refuse what the Llama code cannot run (another activation, sizes that are not positive
     whole numbers, query heads not a multiple of the KV heads); return the KV heads."""
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):  # the feed-forward computes silu(gate) * up, nothing else
         raise UnsupportedModelError(f"The activation '{act}' is not supported; Llama models use SiLU.")
-    for name in (*SIZE_FIELDS, *OPTIONAL_SIZE_FIELDS):
-        value = getattr(config, name, None)
-        if not positive_int(value) and not (name in OPTIONAL_SIZE_FIELDS and value is None):
-            raise UnsupportedModelError(f"The config's {name} must be a positive whole number: {value!r}.")
+    sizes = {name: getattr(config, name, None) for name in (*SIZE_FIELDS, *OPTIONAL_SIZE_FIELDS)}
+    if (name := bad_size(sizes)) is not None:
+        raise UnsupportedModelError(f"The config's {name} must be a positive whole number: {sizes[name]!r}.")
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if config.num_attention_heads % kv:
         raise UnsupportedModelError(

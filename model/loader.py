@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import OPTIONAL_SIZE_FIELDS, SIZE_FIELDS, ModelArgs, UnsupportedModelError, positive_int
+from model.config import ModelArgs, UnsupportedModelError, bad_size
 from model.llama import Transformer
 from model.ops import get_ops
 from model.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, expand_absmax, half_absmax, quantize_nf4
@@ -520,13 +520,11 @@ def read_config(folder: Path, source: str):
         raise ModelSourceError(
             f"Only Llama-family models are supported; this checkpoint is '{model_type or 'unknown'}'."
         )
-    for name in (*SIZE_FIELDS, *OPTIONAL_SIZE_FIELDS):  # before transformers divides by them
-        optional = name in OPTIONAL_SIZE_FIELDS and raw.get(name) is None
-        if name in raw and not optional and not positive_int(raw[name]):
-            raise ModelSourceError(
-                f"The config.json in '{shown(source)}' has {name} {json.dumps(raw[name])[:40]}; "
-                "it must be a positive whole number."
-            )
+    if (name := bad_size(raw)) is not None:  # before transformers divides by them
+        raise ModelSourceError(
+            f"The config.json in '{shown(source)}' has {name} {json.dumps(raw[name])[:40]}; "
+            "it must be a positive whole number."
+        )
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # transformers' checks raise ValueError, TypeError, ZeroDivisionError...

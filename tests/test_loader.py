@@ -31,7 +31,7 @@ from helpers import (
 from safetensors import safe_open
 
 from model import loader
-from model.config import ModelArgs
+from model.config import ModelArgs, UnsupportedModelError
 from model.engine import GenerationSettings
 from model.loader import ModelSourceError, load_model
 from model.quant import expand_absmax, half_absmax
@@ -363,6 +363,16 @@ def test_config_the_model_cannot_run_is_refused(tmp_path, bf16_folder, change, w
         load_model(str(folder), device="cpu")
     assert words in str(err.value)
     assert_one_sentence(str(err.value))
+
+
+def test_built_config_sizes_are_checked_too():
+    # a config transformers built from elsewhere (GGUF metadata) has no config.json to check first
+    config = tiny_config()
+    config.num_attention_heads = 0
+    message = "The config's num_attention_heads must be a positive whole number: 0."
+    with pytest.raises(UnsupportedModelError) as err:
+        ModelArgs.from_hf_config(config)
+    assert str(err.value) == message
 
 
 def bnb_variant(bf16_folder, folder, **settings) -> Path:

@@ -462,10 +462,10 @@ class Engine:
     def _run(self, ids, settings, adapter, cancel, trimmed) -> Iterator[GenerationEvent]:
         if adapter is not None and adapter not in self.adapter_weights:
             raise EngineError(f"No adapter named '{adapter}' is loaded.")
-        vocab = self.loaded.args.vocab_size
-        if max(ids) >= vocab:  # a tokenizer larger than the weights' vocabulary
+        vocab, top = self.loaded.args.vocab_size, max(ids)
+        if top >= vocab:  # a tokenizer larger than the weights' vocabulary
             raise EngineError(
-                f"The tokenizer gave token id {max(ids)}, past the model's {vocab}-token vocabulary: "
+                f"The tokenizer gave token id {top}, past the model's {vocab}-token vocabulary: "
                 "this tokenizer does not belong to these weights."
             )
         request = Request(

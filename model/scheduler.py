@@ -191,7 +191,7 @@ class Scheduler:
         for group in prefill_groups(taken):
             logits = self.prefill_together(group) if len(group) > 1 else None
             for i, (request, slot) in enumerate(group):
-                if request.cancel.cancelled:  # cancelled while an earlier group prefilled
+                if request.cancel.cancelled:  # while an earlier group or its own group prefilled
                     request.out.put((None, "cancelled", time.perf_counter()))
                     continue
                 try:
@@ -204,8 +204,8 @@ class Scheduler:
 
     def prefill_together(self, group: list[tuple[Request, int]]) -> torch.Tensor | None:
         """Logits (n, V) of one adapter's new requests prefilled together, or None if that
-        failed (each is then prefilled alone, so one bad request fails only itself) or all of them
-        were cancelled meanwhile."""
+        failed or all of them were cancelled meanwhile. admit() need not tell which: it reports
+        each cancelled request and prefills the others alone (so one bad request fails only itself)."""
         try:
             self.use_adapter(group[0][0].adapter)
             prompts = [(request.ids, slot) for request, slot in group]

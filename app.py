@@ -348,9 +348,14 @@ def history_messages(history: Any) -> tuple[list[dict], str | None]:
 
 
 def format_stats(stats: GenerationStats) -> str:
-    """The line under a reply: the engine's summary, and a note when the reply was cut short."""
+    """The line under a reply: the engine's summary, and a note when the reply was cut short (by
+    max new tokens, or by the context when that came first)."""
     summary = stats.summary()
-    return f"{summary} · max new tokens reached" if stats.stop_reason == "length" else summary
+    if stats.stop_reason != "length":
+        return summary
+    if stats.context_full_at:
+        return f"{summary} · the {stats.context_full_at:,}-token context is full"
+    return f"{summary} · max new tokens reached"
 
 
 def stats_dict(stats: GenerationStats) -> dict:
@@ -527,7 +532,8 @@ class ChatService:
         """Stream a chat reply to `message` after `history` (a list of {"role", "content"}
         messages, content as text or Gradio's text blocks). Yields [reply so far, stats]; stats
         has prompt_tokens, new_tokens, time_to_first_token_s, decode_tokens_per_s, total_s,
-        stop_reason (None until the last item), prompt_trimmed_turns and a one-line summary.
+        stop_reason (None until the last item), prompt_trimmed_turns, context_full_at and a one-line
+        summary.
         seed: empty or -1 for a random one; adapter: empty for none."""
         try:
             past, history_system = history_messages(history)

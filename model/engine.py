@@ -102,6 +102,9 @@ class GenerationStats:
     total_s: float = 0.0
     stop_reason: str | None = None  # "eos" | "stop" | "length" | "cancelled"; None while running
     prompt_trimmed_turns: int = 0
+    # the context's size when the reply stopped ("length") because the context was full rather
+    # than at max new tokens; 0 otherwise
+    context_full_at: int = 0
 
     def summary(self) -> str:
         """One line for the UI, e.g. '64 tokens · 512.3 tok/s · first token 41 ms'."""
@@ -468,11 +471,13 @@ class Engine:
                 f"The tokenizer gave token id {top}, past the model's {vocab}-token vocabulary: "
                 "this tokenizer does not belong to these weights."
             )
+        room = self.max_seq_len - len(ids)
         request = Request(
             ids, settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty,
-            settings.seed, min(settings.max_new_tokens, self.max_seq_len - len(ids)), adapter,
-            cancel or CancelToken(), settings.ignore_eos,
+            settings.seed, min(settings.max_new_tokens, room), adapter, cancel or CancelToken(),
+            settings.ignore_eos,
         )  # fmt: skip
+        context = self.max_seq_len if room < settings.max_new_tokens else 0  # then "length" is the context
         start = time.perf_counter()
         try:
             self.scheduler.submit(request)
@@ -481,10 +486,13 @@ class Engine:
             raise EngineError(
                 f"The server is busy ({waiting} waiting); please try again in a moment."
             ) from None
-        return EventStream(self._events(request, settings, start, trimmed), request.cancel)
+        return EventStream(self._events(request, settings, start, trimmed, context), request.cancel)
 
-    def _events(self, request: Request, settings, start: float, trimmed: int) -> Iterator[GenerationEvent]:
-        """The worker's tokens as text events with running stats; closing it cancels the request."""
+    def _events(
+        self, request: Request, settings, start: float, trimmed: int, context: int
+    ) -> Iterator[GenerationEvent]:
+        """The worker's tokens as text events with running stats; closing it cancels the request.
+        context: the context's size where it, not max new tokens, bounds the reply, else 0."""
         stats = GenerationStats(prompt_tokens=len(request.ids), prompt_trimmed_turns=trimmed)
         stream = TextStream(self.tokenizer, settings.stop)
         first, tail = None, ""
@@ -511,4 +519,6 @@ class Engine:
             request.cancel.cancel()  # ends the row at the next step if it still runs
         if stats.stop_reason.startswith("error:"):
             raise EngineError(stats.stop_reason.removeprefix("error:"))
+        if stats.stop_reason == "length":
+            stats.context_full_at = context
         yield GenerationEvent(tail + stream.release(final=True), stats, True)

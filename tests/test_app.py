@@ -289,6 +289,8 @@ def test_the_stats_line_follows_each_reply_and_says_when_it_is_live():
     assert app.stats_html(final) == (
         '<span class="tok-stats">2 tokens · 9.0 tok/s · first token 5 ms · max new tokens reached</span>'
     )
+    full = GenerationStats(**{**final.as_dict(), "context_full_at": 8192})  # the context came first
+    assert app.format_stats(full).endswith("first token 5 ms · the 8,192-token context is full")
     view = app.chatbot_view(
         [
             {"role": "user", "content": "Hi"},

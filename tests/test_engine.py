@@ -223,6 +223,18 @@ def test_a_long_reply_asked_for_keeps_the_conversation(engine):
     still_works(engine)
 
 
+def test_a_reply_ended_by_the_context_says_so(engine):
+    # the line under such a reply used to say "max new tokens reached" when the context had run out
+    n = engine.max_seq_len - 3
+    ids = prompts.alpaca_prompt_ids(engine.tokenizer, "planets " * n)[:n]
+    settings = GenerationSettings(temperature=0, max_new_tokens=10, ignore_eos=True)
+    stats = run(engine.generate_ids(ids, settings))[1][-1].stats
+    assert (stats.new_tokens, stats.stop_reason, stats.context_full_at) == (3, "length", engine.max_seq_len)
+    short = GenerationSettings(temperature=0, max_new_tokens=3, ignore_eos=True)
+    stats = run(engine.generate_ids(ids, short))[1][-1].stats  # max new tokens, exactly at the context
+    assert (stats.new_tokens, stats.stop_reason, stats.context_full_at) == (3, "length", 0)
+
+
 def test_control_tokens_typed_into_the_instruction_stay_text(engine):
     # as in chat (apply_chat_template's sanitize_control_tokens): typed "<|im_end|>" must not end
     # the prompt's turn as the real token would

@@ -17,10 +17,16 @@ reads the same bytes, laid out phase after phase in one buffer, with kernels tha
 - one flat read of all the bytes: the floor of any design.
 
 Prints each one's time a step, its share of the copy bandwidth, and the tokens/s it would allow
-if nothing else took time. The barrier needs every program resident at once: the launch sizes
-its grid from the compiled kernel's registers and shared memory, and a program that waits past
-SPIN_LIMIT polls gives up and counts itself in `stalls` (the run then reports the variant
-failed, not a time).
+if nothing else took time. The barrier needs every program resident at once: one program an SM
+(of at most 16 warps, which always fits), and a program that waits past SPIN_LIMIT polls gives
+up and counts itself in `stalls` (the run then stops with that count, not a time).
+
+Measured (bench/NOTES.md, session 21, one H100, copy 2994-3000 GB/s, 4.86 GB a step): flat
+1548 us (646 tok/s); a launch a phase 2114 us (473 tok/s, under issue 5's 490 with no math at
+all); the best persistent shape 2022-2024 us with the next chunk ahead (494 tok/s), 2081 us
+without. Each dependency costs ~2.1-2.5 us, a launch or a grid barrier alike. With the norms
+folded into the phase after them (161 phases): 1906 us a launch a phase (524 tok/s), 1896 the
+best persistent.
 """
 
 from __future__ import annotations
@@ -155,8 +161,9 @@ def step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch):
 
 def resident_programs(device) -> int:
     """One program an SM: the barrier needs every program resident at once, and one program of
-    VARIANT's warps always fits an SM (at most 255 registers a thread). A second one did not
-    always: the first run of this bench, at two an SM, waited at its barriers past its limit."""
+    at most 16 warps always fits an SM. (The first run of this bench, sized at two an SM from the
+    compiled kernel's resources, ran past its 150-s limit before printing; at one an SM every
+    variant finishes in seconds.)"""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

@@ -7,14 +7,15 @@ bf16 lm_head, 124 positions of KV cache) reads its bytes in phases that each nee
 (its x): a layer's norm and q/k/v LoRA A, q/k/v, attention, o, the second norm, gate + up, down;
 then the final norm and the lm_head, 226 phases. Their weights do not depend on anything. This
 reads the same bytes, laid out phase after phase in one buffer, with kernels that only read
-(bench.read_ceiling's XOR), four ways, each a CUDA graph replayed past the L2:
+(bench.read_ceiling's XOR), each way a CUDA graph replayed past the L2:
 
+- one flat read of all the bytes: the floor of any design;
 - a launch a phase: what the model's ~260 launches a step cost at best, their math aside;
-- one persistent launch, every program reading its share of a phase and then waiting at a
-  grid-wide barrier (an atomic counter) before the next: a megakernel's floor;
-- the same, with each program's first load of the next phase issued before it waits (the
-  weights do not depend on the previous phase): a megakernel that prefetches across its syncs;
-- one flat read of all the bytes: the floor of any design.
+- one persistent launch, every program reading its share of a phase (chunks dealt in turn, or
+  one equal contiguous run) and then waiting at a grid-wide barrier (an atomic counter) before
+  the next: a megakernel's floor; with AHEAD, each program's first chunks of the next phase are
+  loaded before it waits (the weights do not depend on the previous phase), as a megakernel
+  that prefetches across its syncs would.
 
 Prints each one's time a step, its share of the copy bandwidth, and the tokens/s it would allow
 if nothing else took time. The barrier needs every program resident at once: one program an SM
@@ -23,10 +24,10 @@ up and counts itself in `stalls` (the run then stops with that count, not a time
 
 Measured (bench/NOTES.md, session 21, one H100, copy 2994-3000 GB/s, 4.86 GB a step): flat
 1548 us (646 tok/s); a launch a phase 2114 us (473 tok/s, under issue 5's 490 with no math at
-all); the best persistent shape 2022-2024 us with the next chunk ahead (494 tok/s), 2081 us
-without. Each dependency costs ~2.1-2.5 us, a launch or a grid barrier alike. With the norms
-folded into the phase after them (161 phases): 1906 us a launch a phase (524 tok/s), 1896 the
-best persistent.
+all); the best persistent shape 2018-2024 us with one chunk of the next phase ahead (494-496
+tok/s), 2063-2081 us without; more ahead, or equal contiguous shares, slower. Each dependency
+costs ~2.1-2.5 us, a launch or a grid barrier alike. With the norms folded into the phase after
+them (161 phases): 1905-1907 us a launch a phase (524 tok/s), 1896-1899 the best persistent.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ from bench.read_ceiling import read_xor
 
 SPIN_LIMIT = tl.constexpr(1 << 20)  # polls of the barrier counter before a program gives up
 VARIANT = (2048, 8, 8)  # (BLOCK, ITERS, warps): bench.read_ceiling's best flat shape on a down weight
-# the persistent kernel's (BLOCK, ITERS, warps), one program an SM: fewer words a chunk a thread
-# leave room for the chunk loaded ahead
-PERSISTENT_VARIANTS = [(2048, 8, 8), (2048, 4, 8), (2048, 4, 16), (4096, 4, 16), (1024, 4, 8)]
+# the persistent kernel's (BLOCK, ITERS, warps, AHEAD, BALANCED), one program an SM: the chunks held ahead
+# take AHEAD * BLOCK * ITERS / (32 * warps) registers a thread
+PERSISTENT_VARIANTS = [
+    (2048, 4, 16, 0, False), (2048, 4, 16, 1, False), (2048, 4, 16, 2, False),
+    (2048, 4, 16, 0, True), (2048, 4, 16, 1, True), (1024, 4, 16, 1, True), (512, 8, 16, 1, True),
+    (1024, 2, 16, 2, True), (4096, 2, 16, 1, True),
+]  # fmt: skip
 
 
 def llama3_8b_phases(rank: int = 16, positions: int = 124, fold_norms: bool = False) -> list[tuple[str, int]]:
@@ -107,10 +112,16 @@ def _grid_barrier(counter_ptr, target, stalls_ptr):
 
 
 @triton.jit
-def _first_chunk(src_ptr, bounds_ptr, ph, pid, lanes, CHUNK: tl.constexpr):
-    """This program's first chunk of phase ph (zeros past the phase's end)."""
-    start = tl.load(bounds_ptr + ph) + pid * CHUNK
-    return tl.load(src_ptr + start + lanes, mask=start + lanes < tl.load(bounds_ptr + ph + 1), other=0)
+def _share(bounds_ptr, ph, pid, programs, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BALANCED: tl.constexpr):
+    """(first word, end, step) of this program's part of phase ph: chunks pid, pid + programs, ...
+    or (BALANCED) one contiguous run of an equal share, whole BLOCKs."""
+    start = tl.load(bounds_ptr + ph)
+    end = tl.load(bounds_ptr + ph + 1)
+    if BALANCED:
+        share = tl.cdiv(tl.cdiv(end - start, programs), BLOCK) * BLOCK
+        first = start + pid * share
+        return first, tl.minimum(first + share, end), (programs * 0 + CHUNK).to(tl.int64)
+    return start + pid * CHUNK, end, programs.to(tl.int64) * CHUNK
 
 
 @triton.jit
@@ -123,38 +134,46 @@ def _step_kernel(
     PHASES,  # phases in the step
     BLOCK: tl.constexpr,  # words a row of a chunk
     ITERS: tl.constexpr,  # rows a chunk: one load of ITERS x BLOCK words
-    PREFETCH: tl.constexpr,  # issue the next phase's first chunk before the barrier
+    AHEAD: tl.constexpr,  # chunks of the next phase loaded before the barrier (0: none; a power of 2)
+    BALANCED: tl.constexpr,  # each program reads an equal contiguous share of a phase
 ):
-    """Program p reads chunks p, p + programs, ... of each phase, then waits for every program at
-    a barrier; with PREFETCH its first chunk of the next phase is in flight while it waits."""
+    """Program p reads chunks p, p + programs, ... of each phase (or its equal share), then waits
+    for every program at a barrier; with AHEAD > 0 its first AHEAD chunks of the next phase are in
+    flight meanwhile."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     CHUNK: tl.constexpr = BLOCK * ITERS
+    HELD: tl.constexpr = AHEAD if AHEAD > 0 else 1  # chunks a phase starts with in registers
     lanes = tl.arange(0, ITERS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    stride = programs.to(tl.int64) * CHUNK
     acc = tl.zeros((BLOCK,), tl.int32)
-    ahead = _first_chunk(src_ptr, bounds_ptr, 0, pid, lanes, CHUNK)
+    first, end, step = _share(bounds_ptr, 0, pid, programs, CHUNK, BLOCK, BALANCED)
+    held = tl.arange(0, HELD).to(tl.int64)[:, None, None] * step + lanes[None, :, :]
+    ahead = tl.load(src_ptr + first + held, mask=first + held < end, other=0)
     for ph in range(PHASES):
-        if not PREFETCH:
+        first, end, step = _share(bounds_ptr, ph, pid, programs, CHUNK, BLOCK, BALANCED)
+        if AHEAD == 0:
             if ph > 0:  # loaded only now that the barrier is behind
-                ahead = _first_chunk(src_ptr, bounds_ptr, ph, pid, lanes, CHUNK)
-        acc ^= tl.xor_sum(ahead, 0)
-        end = tl.load(bounds_ptr + ph + 1)
-        for c0 in range(tl.load(bounds_ptr + ph) + pid * CHUNK + stride, end, stride):
+                held = tl.arange(0, HELD).to(tl.int64)[:, None, None] * step + lanes[None, :, :]
+                ahead = tl.load(src_ptr + first + held, mask=first + held < end, other=0)
+        acc ^= tl.xor_sum(tl.xor_sum(ahead, 0), 0)
+        for c0 in range(first + HELD * step, end, step):
             acc ^= tl.xor_sum(tl.load(src_ptr + c0 + lanes, mask=c0 + lanes < end, other=0), 0)
         if ph + 1 < PHASES:
-            if PREFETCH:  # the next phase's weights need nothing from this one
-                ahead = _first_chunk(src_ptr, bounds_ptr, ph + 1, pid, lanes, CHUNK)
+            if AHEAD > 0:  # the next phase's weights need nothing from this one
+                nfirst, nend, nstep = _share(bounds_ptr, ph + 1, pid, programs, CHUNK, BLOCK, BALANCED)
+                held = tl.arange(0, HELD).to(tl.int64)[:, None, None] * nstep + lanes[None, :, :]
+                ahead = tl.load(src_ptr + nfirst + held, mask=nfirst + held < nend, other=0)
             _grid_barrier(counter_ptr, (ph + 1) * programs, stalls_ptr)
     tl.store(out_ptr + pid, tl.xor_sum(acc, 0))
 
 
-def step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch):
-    """One persistent launch over every phase; counter must be zero (the caller zeroes it, in the
-    graph for a replay). Returns out cut to the programs."""
-    block, iters, warps = variant
+def step_xor(src, bounds, counter, stalls, out, programs, variant):
+    """One persistent launch over every phase, variant (BLOCK, ITERS, warps, AHEAD, BALANCED);
+    counter must be zero (the caller zeroes it, in the graph for a replay). Returns out cut to
+    the programs."""
+    block, iters, warps, ahead, balanced = variant
     _step_kernel[(programs,)](
-        src, bounds, counter, stalls, out, bounds.numel() - 1, block, iters, prefetch, num_warps=warps
+        src, bounds, counter, stalls, out, bounds.numel() - 1, block, iters, ahead, balanced, num_warps=warps
     )
     return out[:programs]
 
@@ -225,22 +244,22 @@ def main() -> None:
     stalls = torch.zeros(1, dtype=torch.int32, device=device)
     programs = resident_programs(device)
     for variant in PERSISTENT_VARIANTS:
-        for prefetch in (False, True):
 
-            def persistent(_, variant=variant, prefetch=prefetch):
-                counter.zero_()
-                step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch)
-
+        def persistent(_, variant=variant):
             counter.zero_()
-            got = xor_all(step_xor(src, bounds, counter, stalls, out, programs, variant, prefetch))
-            if got != expect or int(stalls.item()):
-                raise SystemExit(f"the persistent launch {variant} (prefetch {prefetch}) missed or repeated "
-                                 f"words, or {int(stalls.item())} programs gave up at a barrier")  # fmt: skip
-            us = graph_time_us(persistent, 1)
-            if int(stalls.item()):
-                raise SystemExit(f"{int(stalls.item())} programs gave up at a barrier: not all were resident")
-            name = f"one launch of {programs} x {variant}, a barrier a phase"
-            report(name + (", next chunk ahead" if prefetch else ""), us)
+            step_xor(src, bounds, counter, stalls, out, programs, variant)
+
+        counter.zero_()
+        got = xor_all(step_xor(src, bounds, counter, stalls, out, programs, variant))
+        if got != expect or int(stalls.item()):
+            raise SystemExit(f"the persistent launch {variant} missed or repeated words, or "
+                             f"{int(stalls.item())} programs gave up at a barrier")  # fmt: skip
+        us = graph_time_us(persistent, 1)
+        if int(stalls.item()):
+            raise SystemExit(f"{int(stalls.item())} programs gave up at a barrier: not all were resident")
+        block, iters, warps, ahead, balanced = variant
+        split = "equal shares" if balanced else "chunks in turn"
+        report(f"one launch, {programs} x ({block}, {iters}, {warps}), {split}, {ahead} ahead", us)
     print(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbs": copy_bw / 1e9,
                       "phases": len(phases), "bytes": nbytes, "rows": rows}))  # fmt: skip
 

@@ -36,9 +36,10 @@ def test_phases_are_a_llama3_8b_step():
     assert not any("norm" in name for name, _ in folded)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("balanced", [False, True])
+@pytest.mark.parametrize("ahead", [0, 1, 2, 4])
 @pytest.mark.parametrize("sizes", [[5], [100, 1, 3000, 64, 7]])
-def test_persistent_read_covers_every_word_once(sizes, prefetch):
+def test_persistent_read_covers_every_word_once(sizes, ahead, balanced):
     bounds = step_floor.phase_bounds([("p", 4 * n) for n in sizes], align=8)
     g = torch.Generator().manual_seed(len(sizes))
     src = torch.randint(-(2**31), 2**31 - 1, (bounds[-1],), dtype=torch.int32, generator=g).to(DEVICE)
@@ -47,7 +48,7 @@ def test_persistent_read_covers_every_word_once(sizes, prefetch):
     stalls = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     programs = 1 if DEVICE == "cpu" else 4
     out = torch.full((programs,), 7, dtype=torch.int32, device=DEVICE)
-    got = step_floor.step_xor(src, b, counter, stalls, out, programs, (16, 2, 1), prefetch)
+    got = step_floor.step_xor(src, b, counter, stalls, out, programs, (16, 2, 1, ahead, balanced))
     assert step_floor.xor_all(got) == step_floor.xor_all(src)
     assert int(counter.item()) == programs * (len(sizes) - 1)  # one arrival a program a barrier
     assert int(stalls.item()) == 0
@@ -69,10 +70,10 @@ from bench.step_floor import _step_kernel
 
 sig = dict(src_ptr="*i32", bounds_ptr="*i64", counter_ptr="*i32", stalls_ptr="*i32", out_ptr="*i32",
            PHASES="i32")
-for prefetch in (False, True):
-    const = dict(BLOCK=2048, ITERS=8, PREFETCH=prefetch)
+for ahead, balanced in ((0, False), (2, False), (1, True)):
+    const = dict(BLOCK=2048, ITERS=4, AHEAD=ahead, BALANCED=balanced)
     k = triton.compile(ASTSource(_step_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 8})
+                       options={"num_warps": 16})
     ptx = [line.strip() for line in k.asm["ptx"].splitlines()]
     # the arrival (an atomic add, or a reduction where its result is unused) and the polls (an
     # atomic add of 0, or the acquire load LLVM makes of one), each by one thread of the program

@@ -55,7 +55,7 @@ PERSISTENT_VARIANTS = [
 def llama3_8b_phases(rank: int = 16, positions: int = 124, fold_norms: bool = False) -> list[tuple[str, int]]:
     """(name, bytes) of each phase of one decode step, in order. fold_norms: each RMSNorm (and
     the LoRA A after it) joins the phase after it, as a design that computes the norm's sums in
-    the phase before would (5 phases a layer, 162 a step)."""
+    the phase before would (5 phases a layer, and the lm_head: 161 a step)."""
     dim, q, kv, inter, vocab, layers = 4096, 4096, 1024, 14336, 128256, 32
 
     def nf4(n: int, k: int) -> int:  # packed nibbles and one fp16 scale a 64-block

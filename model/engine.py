@@ -69,9 +69,11 @@ class GenerationSettings:
             number(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= LIMITS["max_new_tokens"],
             f"Max new tokens must be a whole number from 1 to {LIMITS['max_new_tokens']}.",
         )
+        # Below 0.001 the scores overflow fp32 (a logit of 20 / 1e-40 is inf): the draw would be
+        # NaN, and it gave token 0 to the end of the reply.
         check(
-            number(self.temperature) and 0 <= self.temperature <= 5,
-            "Temperature must be between 0 and 5.",
+            number(self.temperature) and (self.temperature == 0 or 0.001 <= self.temperature <= 5),
+            "Temperature must be 0 (greedy) or from 0.001 to 5.",
         )
         check(number(self.top_p) and 0 < self.top_p <= 1, "Top-p must be above 0 and at most 1.")
         check(
@@ -79,8 +81,8 @@ class GenerationSettings:
             f"Top-k must be a whole number from 0 (off) to {LIMITS['top_k']:,}.",
         )
         check(
-            number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
-            "Repetition penalty must be above 0 and at most 10.",
+            number(self.repetition_penalty) and 0.001 <= self.repetition_penalty <= 10,
+            "Repetition penalty must be from 0.001 to 10 (1 is off).",
         )
         check(
             self.seed is None or (number(self.seed, int) and 0 <= self.seed <= LIMITS["seed"]),
@@ -413,23 +415,21 @@ class Engine:
         max_new tokens, or a quarter of the context when max_new asks for more (such a reply
         ends where the context does; the conversation is not given up for it).
 
-        A turn is a user message with the assistant reply after it. Dropping more turns never
+        A turn is a user message with what follows it up to the next user message (any roles: a
+        history need not alternate); a leading system message is kept. Dropping more turns never
         makes the prompt longer, so a binary search over how many to drop needs O(log n)
         renders of the template instead of one per dropped turn.
         """
         room = min(max_new, max(self.max_seq_len // 4, 1))
-        starts = [0]  # where the kept conversation may begin: after each whole turn
-        i = 0
-        while i + 2 < len(messages) and messages[i + 1].get("role") == "assistant":
-            i += 2
-            starts.append(i)
-        if len(messages) > 1 and starts[-1] != len(messages) - 1:
-            starts.append(len(messages) - 1)  # at worst the newest message alone
+        pinned = 1 if messages and messages[0].get("role") == "system" else 0
+        # where the kept conversation may begin: its start, then each later user message (the
+        # newest at worst); only whole (user, assistant) pairs counted here once, so a history
+        # that did not alternate kept all of it or nothing (and counted too few turns)
+        starts = [pinned] + [i for i in range(pinned + 1, len(messages)) if messages[i].get("role") == "user"]
 
         def render(k: int) -> list[int]:
-            return prompts.chat_prompt_ids(
-                self.tokenizer, prompts.chat_messages(messages[starts[k] :], system_prompt)
-            )
+            kept = messages[:pinned] + messages[starts[k] :]
+            return prompts.chat_prompt_ids(self.tokenizer, prompts.chat_messages(kept, system_prompt))
 
         lo, hi = 0, len(starts) - 1
         found = {}

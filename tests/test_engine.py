@@ -193,6 +193,26 @@ def test_long_chat_drops_oldest_turns(engine):
     assert stats.new_tokens > 0 and text.strip()
 
 
+@pytest.mark.parametrize("lead", ["assistant", "user"])
+def test_a_history_that_does_not_alternate_is_trimmed_turn_by_turn(engine, lead):
+    # an assistant greeting first, or two user messages in a row, used to leave only "drop
+    # nothing" or "drop everything": the whole history went, reported as one or two turns
+    messages = [{"role": lead, "content": "Hello! How can I help you today?"}]
+    for i in range(6):
+        messages += [
+            {"role": "user", "content": long_turn(i)},
+            {"role": "assistant", "content": long_turn(i)},
+        ]
+    messages.append({"role": "user", "content": "Which planet is the largest?"})
+    settings = GenerationSettings(temperature=0, max_new_tokens=16)
+    stats = run(engine.chat(messages, settings))[1][-1].stats
+    alone = prompts.chat_prompt_ids(engine.tokenizer, prompts.chat_messages(messages[-1:]))
+    assert stats.prompt_tokens + settings.max_new_tokens <= DEFAULT_MAX_SEQ_LEN
+    assert stats.prompt_tokens > len(alone)  # some earlier turns kept
+    kept = [m for m in messages if m["role"] == "user"][stats.prompt_trimmed_turns - (lead == "assistant") :]
+    assert 1 < len(kept) < 7  # the turns counted as dropped are the ones dropped
+
+
 def test_newest_message_over_the_context_is_refused(engine):
     messages = [
         {"role": "user", "content": "Hello"},
@@ -297,9 +317,11 @@ def test_unknown_source(engine, source):
 BAD_SETTINGS = [
     dict(max_new_tokens=0),
     dict(temperature=-1),
+    dict(temperature=1e-40),  # its scores overflowed: the draw gave token 0 to the end of the reply
     dict(top_p=0),
     dict(top_k=-1),
     dict(repetition_penalty=0),
+    dict(repetition_penalty=1e-40),
     dict(seed=-5),
     dict(stop=("",)),
 ]

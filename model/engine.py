@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from model import lora, prompts
-from model.loader import DEFAULT_SOURCE, LoadedModel, ModelSourceError, load_model
+from model.loader import DEFAULT_SOURCE, LoadedModel, ModelSourceError, load_model, peak_rss_bytes
 from model.runner import GraphRunner, Runner
 from model.scheduler import BusyError, Request, Scheduler
 
@@ -328,8 +328,8 @@ class Engine:
                 host_gb = embed.numel() * embed.element_size() / 1e9
                 memory += f" (+ {host_gb:.2f} GB input embeddings in host memory)"
         else:
-            device = "cpu"
-            memory = f"{loaded.peak_host_memory_bytes / 1e9:.2f} GB peak RSS"
+            device = "cpu"  # the peak since loading began, now: the KV cache comes after the load
+            memory = f"{max(peak_rss_bytes(), loaded.peak_host_memory_bytes) / 1e9:.2f} GB peak RSS"
         return {
             "model": "SmolLM2-135M-Instruct (embedded)" if loaded.source == DEFAULT_SOURCE else loaded.source,
             "quantization": "NF4 (bitsandbytes layout, double quant)"

@@ -431,6 +431,12 @@ def _adapter_name(choice: Any) -> str | None:
     return None if choice in ("", NO_ADAPTER) else choice
 
 
+def adapter_source(source: str) -> str:
+    """An adapter's source as loaded, and so its name: a folder named like the no-adapter choice
+    is loaded as "./none", the same folder (a hub id has a slash), or choosing it chose none."""
+    return f"./{source}" if source.rstrip("/") == NO_ADAPTER else source
+
+
 def active_generations(engine: Any) -> int | None:
     """Generations the engine is decoding or has waiting (None for an engine that does not say).
     It reads the scheduler's row and waiting counts: len() of a dict or deque is atomic."""
@@ -714,7 +720,7 @@ class ChatService:
             source = clean_text(source, "adapter source").strip()
             if not source:
                 raise EngineError("Type the adapter's local path or hub id first.")
-            name = self.engine.load_adapter(source)
+            name = self.engine.load_adapter(adapter_source(source))
         except EngineError as e:
             gr.Warning(html.escape(str(e)))  # the message quotes the path, which may hold HTML
             return gr.skip(), gr.skip(), gr.skip()
@@ -912,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         engine = Engine.load(
             args.model,
-            adapters=args.adapter,
+            adapters=[adapter_source(a) for a in args.adapter],
             quantize=args.quantize,
             device=args.device,
             dtype=args.dtype,

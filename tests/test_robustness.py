@@ -635,6 +635,22 @@ def test_a_good_adapter_loads_through_the_same_handler(tiny_engine, tmp_path, mo
         tiny_engine.adapter_weights.pop(source, None)
 
 
+def test_an_adapter_folder_named_none_is_applied(tiny_engine, tmp_path, monkeypatch, no_unpickling):
+    # it loaded under the name "none", the dropdown's no-adapter choice: reported as loaded and
+    # selected, and never applied (an exploratory review)
+    Warnings(monkeypatch)
+    write_adapter(tmp_path / "none")
+    monkeypatch.chdir(tmp_path)
+    service = app.ChatService(tiny_engine)
+    try:
+        dropdown = service.load_adapter("none")[0]
+        name = dropdown.value
+        assert app._adapter_name(name) is not None and tiny_engine.adapters() == [name]
+        assert app.adapter_source("org/none") == "org/none"
+    finally:
+        tiny_engine.adapter_weights.clear()
+
+
 @pytest.mark.parametrize("source", SOURCE_TRICKS.values(), ids=SOURCE_TRICKS.keys())
 def test_path_tricks_as_an_adapter_or_a_model_get_one_sentence(tiny_engine, monkeypatch, source):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and nothing here may need the network anyway

@@ -313,9 +313,13 @@ def make_settings(
     ).validated()
 
 
-def content_text(content: Any) -> str:
+def content_text(content: Any, depth: int = 0) -> str:
     """The text of a chat message's content: a string, or Gradio 6's list of blocks
-    ({"type": "text", "text": ...}; files and other media are skipped, the model reads text)."""
+    ({"type": "text", "text": ...}; files and other media are skipped, the model reads text).
+    Lists nest a few deep at most (900 deep raised RecursionError, which reached the client as
+    an error without a message)."""
+    if depth > 4:
+        raise EngineError("A message's content must be text or a list of text blocks.")
     if content is None:
         return ""
     if isinstance(content, str):
@@ -325,7 +329,7 @@ def content_text(content: Any) -> str:
             return ""
         return clean_text(content.get("text"), "text of a message block")
     if isinstance(content, list | tuple):
-        return "\n".join(t for t in (content_text(c) for c in content) if t)
+        return "\n".join(t for t in (content_text(c, depth + 1) for c in content) if t)
     raise EngineError("A message's content must be text or a list of text blocks.")
 
 

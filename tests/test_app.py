@@ -11,6 +11,7 @@ import time
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from helpers import assert_one_sentence
 
 import app
 from model.engine import GenerationEvent, GenerationStats
@@ -276,6 +277,17 @@ def test_history_accepts_text_and_gradio_blocks():
     )
     assert system == "Be brief."
     assert messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def test_history_nested_past_reason_gets_a_sentence():
+    # 900 lists deep raised RecursionError, which reached the client as an error with no message
+    deep: list = ["Hi"]
+    for _ in range(900):
+        deep = [deep]
+    with pytest.raises(app.EngineError) as err:
+        app.history_messages([{"role": "user", "content": deep}])
+    assert_one_sentence(str(err.value))
+    assert app.history_messages([{"role": "user", "content": [[["Hi"]]]}])[0][0]["content"] == "Hi"
 
 
 def test_the_stats_line_follows_each_reply_and_says_when_it_is_live():

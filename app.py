@@ -605,7 +605,9 @@ class ChatService:
 
     def _chat_turn(self, message, conversation, system_prompt, adapter, settings_values, request, textbox):
         """Stream (chatbot, conversation[, textbox]) for a reply to `message` after `conversation`;
-        the textbox (when it is an output) empties once the engine takes the message."""
+        the textbox (when it is an output) empties once, when the engine takes the message, and is
+        left alone after that: what the user types while the reply streams stays (it was wiped
+        at every update)."""
         settings = make_settings(*settings_values)
         message = clean_text(message, "message")  # the conversation keeps what the model reads
         history = [{"role": t["role"], "content": t["content"]} for t in conversation]
@@ -613,9 +615,12 @@ class ChatService:
         reply = {"role": "assistant", "content": "", "stats": ""}
         turns = [*conversation, {"role": "user", "content": message}, reply]
         with closing(self._generate(request, "chat", start)) as stream:
-            for text, stats in stream:
+            for n, (text, stats) in enumerate(stream):
                 reply["content"], reply["stats"] = text, stats_html(stats)
-                yield (chatbot_view(turns), turns, "") if textbox else (chatbot_view(turns), turns)
+                if not textbox:
+                    yield chatbot_view(turns), turns
+                else:
+                    yield chatbot_view(turns), turns, "" if n == 0 else gr.skip()
 
     def respond(
         self,

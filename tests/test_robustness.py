@@ -679,6 +679,17 @@ def test_the_ui_warns_in_escaped_text(tiny_engine, monkeypatch):
     assert updates == [(app.gr.skip(),) * 3]
 
 
+def test_text_typed_while_a_reply_streams_stays_in_the_box(tiny_engine, monkeypatch):
+    # the textbox was set to "" at every streamed update, wiping what the user typed meanwhile
+    Warnings(monkeypatch)
+    service = app.ChatService(tiny_engine)
+    service.interval_s = 0.0  # every token an update
+    updates = list(service.respond("Hi", [], "", "none", 8, 0.0, 1.0, 0, 1.0, -1, None))
+    assert len(updates) > 2
+    assert updates[0][2] == "" and all(u[2] == app.gr.skip() for u in updates[1:])
+    assert updates[-1][1][-1]["role"] == "assistant"
+
+
 def test_a_surrogate_in_the_ui_is_stored_as_text_that_can_be_sent(tiny_engine, monkeypatch):
     Warnings(monkeypatch)
     service = app.ChatService(tiny_engine)

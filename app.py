@@ -7,9 +7,12 @@ out; nothing here touches tensors. Design decisions:
   so the tokens/s line drawn under each reply never reaches the model.
 - Streaming is throttled to UPDATES_PER_SECOND: a model decoding hundreds of tokens a second
   would otherwise send the browser one message per token.
-- Stop goes through the engine's CancelToken. Send first arms a token in an unqueued step, so
-  Stop also reaches a request still waiting in the queue; a client that cancels its job closes
-  the handler's generator, whose `finally` cancels the token as well.
+- Stop goes through the engine's CancelToken and ends a running generation; a client that
+  cancels its job closes the handler's generator, whose `finally` cancels the token as well.
+  Send first arms a token in an unqueued step, meant for Stop to reach a request still waiting
+  in the queue too, but it does not yet: Stop drops the armed token and the handler takes a
+  fresh one when its turn comes (a review found it; pairing each request with its own token is
+  left to do, bench/NOTES.md, session 21).
 - Every generation runs in one concurrency group as wide as the engine's batch (its max_batch
   KV-cache slots; 1 for an engine that serialises): more would only park threads inside the
   engine, while Gradio's bounded queue shows each waiting user a true place.
@@ -582,7 +585,8 @@ class ChatService:
             raise gr.Error(str(e), print_exception=False) from None
 
     def api_stop(self, request: gr.Request = None) -> int:
-        """Stop the generations of this client's session (queued or running); returns how many."""
+        """Stop the running generations of this client's session; returns how many tokens it
+        cancelled (one still waiting in the queue runs when its turn comes, for now)."""
         return self.tokens.cancel(_session(request))
 
     def api_model_info(self) -> dict:

@@ -7,12 +7,10 @@ out; nothing here touches tensors. Design decisions:
   so the tokens/s line drawn under each reply never reaches the model.
 - Streaming is throttled to UPDATES_PER_SECOND: a model decoding hundreds of tokens a second
   would otherwise send the browser one message per token.
-- Stop goes through the engine's CancelToken and ends a running generation; a client that
+- Stop goes through the engine's CancelToken. Send first arms a token in an unqueued step and
+  carries its id (a gr.State) to the queued handler, so Stop also reaches a request still
+  waiting in the queue: it finds its own token cancelled and never starts. A client that
   cancels its job closes the handler's generator, whose `finally` cancels the token as well.
-  Send first arms a token in an unqueued step, meant for Stop to reach a request still waiting
-  in the queue too, but it does not yet: Stop drops the armed token and the handler takes a
-  fresh one when its turn comes (a review found it; pairing each request with its own token is
-  left to do, bench/NOTES.md, session 21).
 - Every generation runs in one concurrency group as wide as the engine's batch (its max_batch
   KV-cache slots; 1 for an engine that serialises): more would only park threads inside the
   engine, while Gradio's bounded queue shows each waiting user a true place.
@@ -37,7 +35,7 @@ import re
 import sys
 import threading
 import time
-from collections import deque
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from functools import partial
@@ -209,26 +207,36 @@ class CancelRegistry:
     "instruct", "api"), so Stop, a closed tab and the API's `stop` can reach them.
     Thread-safe: Gradio runs handlers in worker threads."""
 
+    MAX_ARMED = 16  # tokens kept armed a session and channel (a Send Gradio drops never claims)
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._armed: dict[tuple[str, str], deque[CancelToken]] = {}
+        self._armed: dict[tuple[str, str], dict[str, CancelToken]] = {}  # by id, oldest first
         self._running: dict[tuple[str, str], set[CancelToken]] = {}
 
-    def arm(self, session: str, channel: str) -> None:
-        """Make the token of a request that is about to enter the queue."""
+    def arm(self, session: str, channel: str) -> str:
+        """Make the token of a request that is about to enter the queue; the request carries the
+        returned id to its claim, so Stop in between reaches exactly it."""
+        armed_id = uuid.uuid4().hex
         with self._lock:
-            self._armed.setdefault((session, channel), deque()).append(CancelToken())
+            armed = self._armed.setdefault((session, channel), {})
+            armed[armed_id] = CancelToken()
+            while len(armed) > self.MAX_ARMED:
+                del armed[next(iter(armed))]
+        return armed_id
 
     @contextmanager
-    def claim(self, session: str, channel: str) -> Iterator[CancelToken]:
-        """The token armed for this request (or a new one) while it runs; cancelled on exit,
-        which ends the engine's generation if the handler was closed early."""
+    def claim(self, session: str, channel: str, armed_id: str | None = None) -> Iterator[CancelToken]:
+        """The token armed under `armed_id` (cancelled if Stop came while the request waited), or
+        a new one, while it runs; cancelled on exit, which ends the engine's generation if the
+        handler was closed early."""
         key = (session, channel)
         with self._lock:
-            armed = self._armed.get(key)
-            token = armed.popleft() if armed else CancelToken()
-            if armed is not None and not armed:
+            armed = self._armed.get(key, {})
+            token = armed.pop(armed_id, None) if armed_id else None
+            if key in self._armed and not armed:
                 del self._armed[key]
+            token = token or CancelToken()
             self._running.setdefault(key, set()).add(token)
         try:
             yield token
@@ -241,13 +249,23 @@ class CancelRegistry:
                     self._running.pop(key, None)
 
     def cancel(self, session: str, channel: str | None = None) -> int:
-        """Cancel the session's armed and running generations (of one channel, or all)."""
+        """Cancel the session's armed and running generations (of one channel, or all); returns
+        how many were not cancelled yet. Armed tokens stay, cancelled, for their requests to
+        claim when they leave the queue (dropped, a queued request ran later with a new one)."""
         with self._lock:
             keys = [k for k in {*self._armed, *self._running} if k[0] == session and channel in (None, k[1])]
-            tokens = [t for k in keys for t in (*self._armed.pop(k, ()), *self._running.get(k, ()))]
-        for token in tokens:
+            tokens = [t for k in keys for t in (*self._armed.get(k, {}).values(), *self._running.get(k, ()))]
+            live = [t for t in tokens if not t.cancelled]
+        for token in live:
             token.cancel()
-        return len(tokens)
+        return len(live)
+
+    def forget(self, session: str) -> None:
+        """A closed tab: cancel its generations and drop its armed tokens."""
+        self.cancel(session)
+        with self._lock:
+            for key in [k for k in self._armed if k[0] == session]:
+                del self._armed[key]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -479,13 +497,17 @@ class ChatService:
     # -- shared core ----------------------------------------------------------------------------
 
     def _generate(
-        self, request: gr.Request | None, channel: str, start: Callable[..., Iterator[GenerationEvent]]
+        self,
+        request: gr.Request | None,
+        channel: str,
+        start: Callable[..., Iterator[GenerationEvent]],
+        armed: str | None = None,
     ) -> Iterator[tuple[str, GenerationStats | None]]:
         """Claim the request's CancelToken, call `start(cancel=token)` (an engine method, which
         raises EngineError before the first item) and stream (text so far, stats), throttled.
         The first item, ("", None), says the engine took the request: the page can show it
         before the prompt is processed. However this generator ends, the generation ends too."""
-        with self.tokens.claim(_session(request), channel) as token:
+        with self.tokens.claim(_session(request), channel, armed) as token:
             if token.cancelled:  # Stop was pressed while the request waited in the queue
                 return
             events = start(cancel=token)
@@ -585,8 +607,8 @@ class ChatService:
             raise gr.Error(str(e), print_exception=False) from None
 
     def api_stop(self, request: gr.Request = None) -> int:
-        """Stop the running generations of this client's session; returns how many tokens it
-        cancelled (one still waiting in the queue runs when its turn comes, for now)."""
+        """Stop the generations of this client's session that are running; returns how many.
+        (An API job still waiting in the queue is cancelled by the client's own job.cancel().)"""
         return self.tokens.cancel(_session(request))
 
     def api_model_info(self) -> dict:
@@ -597,17 +619,20 @@ class ChatService:
 
     # -- UI: chat -------------------------------------------------------------------------------
 
-    def arm_chat(self, request: gr.Request) -> None:
-        self.tokens.arm(_session(request), "chat")
+    def arm_chat(self, request: gr.Request) -> str:
+        """The armed token's id, which the request then carries (a gr.State) to its claim."""
+        return self.tokens.arm(_session(request), "chat")
 
     def stop_chat(self, request: gr.Request) -> None:
         self.tokens.cancel(_session(request), "chat")
 
     def stop_session(self, request: gr.Request) -> None:
         """A closed or reloaded tab: nobody is left to read its generations."""
-        self.tokens.cancel(_session(request))
+        self.tokens.forget(_session(request))
 
-    def _chat_turn(self, message, conversation, system_prompt, adapter, settings_values, request, textbox):
+    def _chat_turn(
+        self, message, conversation, system_prompt, adapter, settings_values, request, textbox, armed=None
+    ):
         """Stream (chatbot, conversation[, textbox]) for a reply to `message` after `conversation`;
         the textbox (when it is an output) empties once, when the engine takes the message, and is
         left alone after that: what the user types while the reply streams stays (it was wiped
@@ -618,7 +643,7 @@ class ChatService:
         start = self._chat(message, history, system_prompt, adapter, settings)
         reply = {"role": "assistant", "content": "", "stats": ""}
         turns = [*conversation, {"role": "user", "content": message}, reply]
-        with closing(self._generate(request, "chat", start)) as stream:
+        with closing(self._generate(request, "chat", start, armed)) as stream:
             for n, (text, stats) in enumerate(stream):
                 reply["content"], reply["stats"] = text, stats_html(stats)
                 if not textbox:
@@ -638,12 +663,13 @@ class ChatService:
         top_k: float,
         repetition_penalty: float,
         seed: float | None,
-        request: gr.Request,
+        armed: str | None = None,
+        request: gr.Request = None,
     ):
-        """Send: yields (chatbot, conversation, textbox)."""
+        """Send: yields (chatbot, conversation, textbox). armed: the id arm_chat gave this request."""
         settings_values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         args = (message, conversation, system_prompt, adapter, settings_values, request)
-        yield from ui_updates(self._chat_turn(*args, textbox=True), outputs=3)
+        yield from ui_updates(self._chat_turn(*args, textbox=True, armed=armed), outputs=3)
 
     def regenerate(
         self,
@@ -656,7 +682,8 @@ class ChatService:
         top_k: float,
         repetition_penalty: float,
         seed: float | None,
-        request: gr.Request,
+        armed: str | None = None,
+        request: gr.Request = None,
     ):
         """A new reply to the last user message, in place of the old one: (chatbot, conversation)."""
         last = _last_user_turn(conversation)
@@ -666,7 +693,7 @@ class ChatService:
             return
         settings_values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         args = (conversation[last]["content"], conversation[:last], system_prompt, adapter, settings_values)
-        yield from ui_updates(self._chat_turn(*args, request, textbox=False), outputs=2)
+        yield from ui_updates(self._chat_turn(*args, request, textbox=False, armed=armed), outputs=2)
 
     def undo(self, conversation: list[dict], request: gr.Request):
         """Drop the last exchange and put its message back in the textbox."""
@@ -683,16 +710,16 @@ class ChatService:
 
     # -- UI: instruct ---------------------------------------------------------------------------
 
-    def arm_instruct(self, request: gr.Request) -> None:
-        self.tokens.arm(_session(request), "instruct")
+    def arm_instruct(self, request: gr.Request) -> str:
+        return self.tokens.arm(_session(request), "instruct")
 
     def stop_instruct(self, request: gr.Request) -> None:
         self.tokens.cancel(_session(request), "instruct")
 
-    def _instruct_turn(self, instruction, input_text, adapter, settings_values, request):
+    def _instruct_turn(self, instruction, input_text, adapter, settings_values, request, armed=None):
         settings = make_settings(*settings_values)
         start = self._instruct(instruction, input_text, adapter, settings)
-        with closing(self._generate(request, "instruct", start)) as stream:
+        with closing(self._generate(request, "instruct", start, armed)) as stream:
             for text, stats in stream:
                 yield text, stats_html(stats)
 
@@ -707,11 +734,12 @@ class ChatService:
         top_k: float,
         repetition_penalty: float,
         seed: float | None,
-        request: gr.Request,
+        armed: str | None = None,
+        request: gr.Request = None,
     ):
-        """Generate: yields (response, stats line)."""
+        """Generate: yields (response, stats line). armed: the id arm_instruct gave this request."""
         settings_values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        args = (instruction, input_text, adapter, settings_values, request)
+        args = (instruction, input_text, adapter, settings_values, request, armed)
         yield from ui_updates(self._instruct_turn(*args), outputs=2)
 
     # -- UI: model panel ------------------------------------------------------------------------
@@ -787,6 +815,7 @@ def generation_settings(context: int) -> list[gr.components.Component]:
 
 def chat_tab(service: ChatService, settings: list, adapter: gr.Dropdown, examples: list[str]) -> None:
     conversation = gr.State([])
+    armed = gr.State(None)  # the id of the token arm_chat made for the request it precedes
     chatbot = gr.Chatbot(
         label="Conversation",
         height=600,
@@ -818,9 +847,9 @@ def chat_tab(service: ChatService, settings: list, adapter: gr.Dropdown, example
 
     outputs = [chatbot, conversation, message]
     events = [
-        trigger(service.arm_chat, None, None, **INSTANT).then(
+        trigger(service.arm_chat, None, armed, **INSTANT).then(
             service.respond,
-            [message, conversation, system_prompt, adapter, *settings],
+            [message, conversation, system_prompt, adapter, *settings, armed],
             outputs,
             **service.queue_options,
             api_visibility="private",
@@ -828,9 +857,9 @@ def chat_tab(service: ChatService, settings: list, adapter: gr.Dropdown, example
         for trigger in (send.click, message.submit)
     ]
     events.append(
-        regenerate.click(service.arm_chat, None, None, **INSTANT).then(
+        regenerate.click(service.arm_chat, None, armed, **INSTANT).then(
             service.regenerate,
-            [conversation, system_prompt, adapter, *settings],
+            [conversation, system_prompt, adapter, *settings, armed],
             [chatbot, conversation],
             **service.queue_options,
             api_visibility="private",
@@ -854,9 +883,10 @@ def instruct_tab(service: ChatService, settings: list, adapter: gr.Dropdown, exa
     stats = gr.Markdown(elem_id="instruct-stats")
     gr.Examples(examples, inputs=[instruction, input_text], label="Examples")
 
-    generate.click(service.arm_instruct, None, None, **INSTANT).then(
+    armed = gr.State(None)  # the id of the token arm_instruct made for the request it precedes
+    generate.click(service.arm_instruct, None, armed, **INSTANT).then(
         service.respond_instruct,
-        [instruction, input_text, adapter, *settings],
+        [instruction, input_text, adapter, *settings, armed],
         [response, stats],
         **service.queue_options,
         api_visibility="private",

@@ -330,13 +330,27 @@ def test_streaming_updates_are_throttled():
 
 def test_cancel_registry_reaches_queued_and_running_generations():
     registry = app.CancelRegistry()
-    registry.arm("s1", "chat")
-    registry.arm("s2", "chat")
+    queued = registry.arm("s1", "chat")
+    other_queued = registry.arm("s2", "chat")
     with registry.claim("s1", "instruct") as running:
         assert registry.cancel("s1") == 2  # the queued chat and the running instruct
         assert running.cancelled
-    with registry.claim("s1", "chat") as fresh:
-        assert not fresh.cancelled  # the cancelled queued token was dropped, not handed out
-    with registry.claim("s2", "chat") as other:
+    assert registry.cancel("s1") == 0  # nothing left that is not cancelled
+    with registry.claim("s1", "chat", queued) as token:
+        # Stop reached it in the queue: it used to be dropped, and the request ran with a new one
+        assert token.cancelled
+    with registry.claim("s1", "chat", registry.arm("s1", "chat")) as fresh:
+        assert not fresh.cancelled  # a request sent after the Stop runs
+    with registry.claim("s2", "chat", other_queued) as other:
         assert not other.cancelled
     assert other.cancelled, "a claim's token is cancelled when its handler ends"
+
+
+def test_cancel_registry_keeps_few_armed_tokens_and_forgets_a_closed_tab():
+    registry = app.CancelRegistry()
+    ids = [registry.arm("s1", "chat") for _ in range(app.CancelRegistry.MAX_ARMED + 5)]
+    with registry.claim("s1", "chat", ids[0]) as oldest:  # dropped from the armed set: a new token
+        assert not oldest.cancelled
+    registry.forget("s1")
+    with registry.claim("s1", "chat", ids[-1]) as newest:
+        assert not newest.cancelled and registry.cancel("s1") == 1

@@ -290,3 +290,30 @@ def test_a_full_queue_shows_busy_and_a_waiting_user_their_place(browser, stand_i
     finally:
         for context in contexts:
             context.close()
+
+
+def test_stop_reaches_a_message_waiting_in_the_queue(browser, stand_in_app):
+    """The one slot busy: a second user's message waits in the queue, and their Stop means it
+    never runs (it used to run once the slot was free: an exploratory review)."""
+    url, engine = stand_in_app
+    contexts = [browser.new_context() for _ in range(2)]
+    pages = [context.new_page() for context in contexts]
+    try:
+        for page in pages:
+            page.goto(url)
+            page.locator("#message textarea").wait_for()
+        send(pages[0], "first")
+        expect(pages[0].locator("#chatbot .tok-stats.live")).to_have_count(1, timeout=30_000)
+        send(pages[1], "second")
+        place = pages[1].locator("#chatbot").get_by_text(re.compile(r"queue: 1/"))
+        expect(place).to_be_visible(timeout=30_000)
+        pages[1].locator("#stop").click()
+        engine.release.set()
+        expect(pages[0].locator("#chatbot .tok-stats:not(.live)")).to_have_count(1, timeout=30_000)
+        expect(place).to_be_hidden(timeout=30_000)
+        time.sleep(1.0)  # the queued handler has run by now, had it been going to
+        assert engine.started == 1
+        expect(pages[1].locator("#message textarea")).to_have_value("second")  # nothing lost
+    finally:
+        for context in contexts:
+            context.close()

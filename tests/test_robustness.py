@@ -679,6 +679,25 @@ def test_the_ui_warns_in_escaped_text(tiny_engine, monkeypatch):
     assert updates == [(app.gr.skip(),) * 3]
 
 
+def test_stop_reaches_a_request_waiting_in_the_queue(tiny_engine, monkeypatch):
+    # Stop dropped the armed token and the queued handler claimed a new one: the reply was
+    # generated anyway when its turn came (an exploratory review)
+    Warnings(monkeypatch)
+    service = app.ChatService(tiny_engine)
+    started = []
+    for method in ("chat", "instruct"):
+        monkeypatch.setattr(tiny_engine, method, lambda *a, method=method, **k: started.append(method))
+    for arm, stop, handler, args in (
+        (service.arm_chat, service.stop_chat, service.respond, ("Hi", [], "", "none")),
+        (service.arm_instruct, service.stop_instruct, service.respond_instruct, ("Say hi.", "", "none")),
+    ):
+        armed = arm(None)
+        stop(None)
+        updates = list(handler(*args, 8, 0.0, 1.0, 0, 1.0, -1, armed, None))
+        assert all(u == app.gr.skip() for update in updates for u in update), updates
+    assert started == []  # neither generation began
+
+
 def test_text_typed_while_a_reply_streams_stays_in_the_box(tiny_engine, monkeypatch):
     # the textbox was set to "" at every streamed update, wiping what the user typed meanwhile
     Warnings(monkeypatch)

@@ -68,10 +68,16 @@ def adapter_files(source: str) -> tuple[Path, Path]:
     return config, weights
 
 
+def pattern_regex(key: str) -> str:
+    """The regular expression of a rank_pattern / alpha_pattern key: it matches a module name's
+    tail, as in peft."""
+    return rf"(.*\.)?({key})$"
+
+
 def pattern_value(patterns: dict, module: str, default: float) -> float:
     """peft's rank_pattern / alpha_pattern lookup: a key matches the module name's tail."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(pattern_regex(key), module):
             return value
     return default
 
@@ -110,7 +116,7 @@ def check_config(config, source: str) -> dict:
         raise AdapterError(f"'{source}' has a rank_pattern or alpha_pattern that is not a mapping.")
     for key in [*patterns[0], *patterns[1]]:
         try:
-            re.compile(rf"(.*\.)?({key})$")
+            re.compile(pattern_regex(key))
         except re.error:
             raise AdapterError(
                 f"'{source}' has a rank_pattern or alpha_pattern key that is not a regular "

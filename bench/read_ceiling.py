@@ -46,11 +46,21 @@ def _read_kernel(
 
 def read_xor(src: torch.Tensor, out: torch.Tensor, variant: tuple) -> torch.Tensor:
     """One launch over the int32 words of src; out (at least the programs) takes the program
-    XORs and is returned cut to them. XOR-ing them gives src's XOR, which tests check."""
+    XORs and is returned cut to them. XOR-ing them (xor_all) gives src's, which tests check."""
     block, iters, warps = variant
     programs = triton.cdiv(src.numel(), block * iters)
     _read_kernel[(programs,)](src, out, src.numel(), block, iters, num_warps=warps)
     return out[:programs]
+
+
+def xor_all(t: torch.Tensor) -> int:
+    """The XOR of all words of t (int32), folded on its device."""
+    t = t.reshape(-1)
+    while t.numel() > 1:
+        if t.numel() % 2:
+            t = torch.cat([t, t.new_zeros(1)])
+        t = t[: t.numel() // 2] ^ t[t.numel() // 2 :]
+    return int(t.item()) if t.numel() else 0
 
 
 def read_ceiling_us(nbytes: int, copies: int) -> tuple[float, tuple]:

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.read_ceiling import read_xor
+from bench.read_ceiling import read_xor, xor_all
 
 SPIN_LIMIT = tl.constexpr(1 << 20)  # polls of the barrier counter before a program gives up
 VARIANT = (2048, 8, 8)  # (BLOCK, ITERS, warps): bench.read_ceiling's best flat shape on a down weight
@@ -184,16 +184,6 @@ def resident_programs(device) -> int:
     compiled kernel's resources, ran past its 150-s limit before printing; at one an SM every
     variant finishes in seconds.)"""
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def xor_all(t: torch.Tensor) -> int:
-    """The XOR of all words of t (int32), folded on its device."""
-    t = t.reshape(-1)
-    while t.numel() > 1:
-        if t.numel() % 2:
-            t = torch.cat([t, t.new_zeros(1)])
-        t = t[: t.numel() // 2] ^ t[t.numel() // 2 :]
-    return int(t.item()) if t.numel() else 0
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -260,43 +261,11 @@ def test_closing_the_tab_ends_its_generation(browser, app_server):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stand_in_app", [["--queue-size", "1"]], indirect=True)
-def test_a_full_queue_shows_busy_and_a_waiting_user_their_place(browser, stand_in_app):
-    """One slot and room for one in line: the second user sees their place, the third is told
-    the app is busy (and keeps the message), and the first two replies arrive once freed."""
-    url, engine = stand_in_app
-    contexts = [browser.new_context() for _ in range(3)]
-    pages = [context.new_page() for context in contexts]
-    try:
-        for page in pages:
-            page.goto(url)
-            page.locator("#message textarea").wait_for()
-        send(pages[0], "first")
-        expect(pages[0].locator("#chatbot .tok-stats.live")).to_have_count(1, timeout=30_000)
-        send(pages[1], "second")
-        place = pages[1].locator("#chatbot").get_by_text(re.compile(r"queue: 1/1"))
-        expect(place).to_be_visible(timeout=30_000)
-
-        send(pages[2], "third")
-        busy = pages[2].locator(".toast-body").filter(has_text="busy")
-        expect(busy).to_be_visible(timeout=30_000)
-        expect(pages[2].locator("#message textarea")).to_have_value("third")
-        assert engine.started == 1
-
-        engine.release.set()
-        for page in pages[:2]:
-            expect(page.locator("#chatbot .tok-stats:not(.live)")).to_have_count(1, timeout=30_000)
-            expect(replies(page).first).to_have_text("done")
-    finally:
-        for context in contexts:
-            context.close()
-
-
-def test_stop_reaches_a_message_waiting_in_the_queue(browser, stand_in_app):
-    """The one slot busy: a second user's message waits in the queue, and their Stop means it
-    never runs (it used to run once the slot was free: an exploratory review)."""
-    url, engine = stand_in_app
-    contexts = [browser.new_context() for _ in range(2)]
+@contextmanager
+def second_user_in_line(browser: Browser, url: str, users: int) -> Iterator[tuple[list[Page], object]]:
+    """`users` tabs of a stand-in app with one slot: the first user's reply holds the slot and
+    the second user's message waits in the queue, their place shown; (pages, that place)."""
+    contexts = [browser.new_context() for _ in range(users)]
     pages = [context.new_page() for context in contexts]
     try:
         for page in pages:
@@ -307,6 +276,36 @@ def test_stop_reaches_a_message_waiting_in_the_queue(browser, stand_in_app):
         send(pages[1], "second")
         place = pages[1].locator("#chatbot").get_by_text(re.compile(r"queue: 1/"))
         expect(place).to_be_visible(timeout=30_000)
+        yield pages, place
+    finally:
+        for context in contexts:
+            context.close()
+
+
+@pytest.mark.parametrize("stand_in_app", [["--queue-size", "1"]], indirect=True)
+def test_a_full_queue_shows_busy_and_a_waiting_user_their_place(browser, stand_in_app):
+    """One slot and room for one in line: the second user sees their place, the third is told
+    the app is busy (and keeps the message), and the first two replies arrive once freed."""
+    url, engine = stand_in_app
+    with second_user_in_line(browser, url, 3) as (pages, place):
+        expect(place).to_have_text(re.compile(r"queue: 1/1"))
+        send(pages[2], "third")
+        busy = pages[2].locator(".toast-body").filter(has_text="busy")
+        expect(busy).to_be_visible(timeout=30_000)
+        expect(pages[2].locator("#message textarea")).to_have_value("third")
+        assert engine.started == 1
+
+        engine.release.set()
+        for page in pages[:2]:
+            expect(page.locator("#chatbot .tok-stats:not(.live)")).to_have_count(1, timeout=30_000)
+            expect(replies(page).first).to_have_text("done")
+
+
+def test_stop_reaches_a_message_waiting_in_the_queue(browser, stand_in_app):
+    """The one slot busy: a second user's message waits in the queue, and their Stop means it
+    never runs (it used to run once the slot was free: an exploratory review)."""
+    url, engine = stand_in_app
+    with second_user_in_line(browser, url, 2) as (pages, place):
         pages[1].locator("#stop").click()
         engine.release.set()
         expect(pages[0].locator("#chatbot .tok-stats:not(.live)")).to_have_count(1, timeout=30_000)
@@ -314,6 +313,3 @@ def test_stop_reaches_a_message_waiting_in_the_queue(browser, stand_in_app):
         time.sleep(1.0)  # the queued handler has run by now, had it been going to
         assert engine.started == 1
         expect(pages[1].locator("#message textarea")).to_have_value("second")  # nothing lost
-    finally:
-        for context in contexts:
-            context.close()
